@@ -1,0 +1,105 @@
+//! CIFAR-10 and CIFAR-100 in their official binary formats, split as in §3.4: 45,000
+//! training and 5,000 validation images (a fixed, seeded split of the 50,000), and the test
+//! set kept apart in [`test_set`], which training and selection never touch (§3.7).
+
+mod augment;
+mod cifar;
+pub mod fixture;
+pub mod test_set;
+
+pub use augment::{evaluation_batches, Batch, Normalization, TrainingBatches};
+pub use cifar::{DataError, DatasetKind, Images, IMAGE_BYTES};
+
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+
+use crate::seed::{self, Stream};
+
+/// The images evolution may look at: training and validation, never test.
+#[derive(Clone, Debug)]
+pub struct Split {
+    pub kind: DatasetKind,
+    pub train: Images,
+    pub validation: Images,
+    /// Per-channel statistics of the training images, used for every image the models see.
+    pub normalization: Normalization,
+}
+
+impl Split {
+    /// Loads the training files of `kind` from `dir` and holds out `validation` images
+    /// (default: a tenth, which is the paper's 5,000 of 50,000) chosen by `seed`.
+    pub fn load(
+        dir: &Path,
+        kind: DatasetKind,
+        seed: u64,
+        validation: Option<usize>,
+    ) -> Result<Self, DataError> {
+        let all = cifar::read_training(dir, kind)?;
+        Self::from_images(all, kind, seed, validation)
+    }
+
+    pub fn from_images(
+        all: Images,
+        kind: DatasetKind,
+        seed: u64,
+        validation: Option<usize>,
+    ) -> Result<Self, DataError> {
+        let total = all.len();
+        let validation = validation.unwrap_or(total / 10);
+        if validation == 0 || validation >= total {
+            return Err(DataError::Split { validation, total });
+        }
+        let mut order: Vec<usize> = (0..total).collect();
+        order.shuffle(&mut seed::rng(seed, Stream::Split));
+        let (val_idx, train_idx) = order.split_at(validation);
+        let train = all.select(train_idx);
+        let validation = all.select(val_idx);
+        let normalization = Normalization::of(&train);
+        Ok(Self {
+            kind,
+            train,
+            validation,
+            normalization,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_seeded_disjoint_and_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture::write(dir.path(), DatasetKind::Cifar10, 40, 0).unwrap();
+        let a = Split::load(dir.path(), DatasetKind::Cifar10, 1, None).unwrap();
+        let b = Split::load(dir.path(), DatasetKind::Cifar10, 1, None).unwrap();
+        let c = Split::load(dir.path(), DatasetKind::Cifar10, 2, None).unwrap();
+        assert_eq!(a.train.len(), 180);
+        assert_eq!(a.validation.len(), 20);
+        assert_eq!(a.validation.labels, b.validation.labels);
+        assert_eq!(a.validation.pixels, b.validation.pixels);
+        assert_ne!(a.validation.pixels, c.validation.pixels);
+        // Every image lands on exactly one side.
+        let all = cifar::read_training(dir.path(), DatasetKind::Cifar10).unwrap();
+        let mut seen: Vec<&[u8]> = a
+            .train
+            .iter()
+            .chain(a.validation.iter())
+            .map(|(p, _)| p)
+            .collect();
+        let mut expected: Vec<&[u8]> = all.iter().map(|(p, _)| p).collect();
+        seen.sort();
+        expected.sort();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn split_that_leaves_nothing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture::write(dir.path(), DatasetKind::Cifar10, 2, 0).unwrap();
+        let err = Split::load(dir.path(), DatasetKind::Cifar10, 1, Some(10)).unwrap_err();
+        assert!(err.to_string().contains("validation"), "{err}");
+    }
+}

@@ -1,0 +1,38 @@
+//! The fully connected layer that turns the last backbone vertex, flattened, into class
+//! logits (the softmax is applied by the loss).
+
+use candle_core::{Result, Tensor, Var};
+
+use crate::weights::{Init, Parameters, WeightsError};
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Var,
+    bias: Var,
+}
+
+impl Linear {
+    /// `prefix.weight` `[out, in]` and `prefix.bias` `[out]`.
+    pub fn new<R: rand::Rng>(
+        params: &mut Parameters<'_, R>,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+    ) -> std::result::Result<Self, WeightsError> {
+        Ok(Self {
+            weight: params.var(
+                format!("{prefix}.weight"),
+                &[outputs, inputs],
+                Init::He { fan_in: inputs },
+                true,
+            )?,
+            bias: params.var(format!("{prefix}.bias"), &[outputs], Init::Zeros, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.flatten_from(1)?
+            .matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())
+    }
+}

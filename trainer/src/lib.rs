@@ -1,0 +1,14 @@
+//! The cambrian trainer: everything one evolution worker does, from an individual's DNA to
+//! its trained weights and fitness.
+
+pub mod bench;
+pub mod cost;
+pub mod data;
+pub mod dna;
+pub mod layers;
+pub mod model;
+pub mod mutation;
+pub mod optim;
+pub mod seed;
+pub mod train;
+pub mod weights;

@@ -1,0 +1,327 @@
+//! `trainer`: one binary for every job of an evolution worker (see the README).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use trainer::bench::{self, BenchConfig};
+use trainer::cost::Flops;
+use trainer::data::{DatasetKind, Split};
+use trainer::dna::Dna;
+use trainer::model::{Model, ModelSpec};
+use trainer::mutation::{self, AppliedMutation, Mutation};
+use trainer::seed::{self, Stream};
+use trainer::train::{self, TrainConfig};
+use trainer::weights::Weights;
+
+#[derive(Parser)]
+#[command(
+    name = "trainer",
+    version,
+    about = "Large-scale evolution of image classifiers: the worker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Train one DNA on CIFAR and report its validation accuracy, FLOPs and wall time.
+    Train(TrainArgs),
+    /// Write a mutated child of a parent DNA, for inspection.
+    Mutate(MutateArgs),
+    /// Training and evaluation images/s of the reference DNAs (optionally against PyTorch).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The DNA to train (JSON, as written by `mutate` or kept in bench/dna).
+    dna: PathBuf,
+    /// Folder with the official CIFAR binary files (or the folder that holds it).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "cifar10")]
+    dataset: DatasetKind,
+    /// Training steps (the paper's T).
+    #[arg(long, default_value_t = 25_600)]
+    steps: u64,
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Seeds the weight initialisation, the data order and the augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Seeds the train/validation split (keep it fixed across an experiment).
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Validation images held out of the 50,000 training images.
+    #[arg(long)]
+    validation: Option<usize>,
+    /// Start from these weights wherever names and shapes match (weight inheritance).
+    #[arg(long)]
+    inherit: Option<PathBuf>,
+    /// Where to save the trained weights (safetensors).
+    #[arg(long, default_value = "weights.safetensors")]
+    weights_out: PathBuf,
+    /// Turn off the padding/crop/flip augmentation.
+    #[arg(long)]
+    no_augment: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MutateArgs {
+    /// The parent DNA (JSON); `initial` for the paper's initial linear model.
+    parent: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of mutations (the mutation rate).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Apply this mutation instead of drawing one (e.g. FILTER-SIZE).
+    #[arg(long)]
+    mutation: Option<Mutation>,
+    /// Output file (default: standard output).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Folder of reference DNAs (every *.json in it).
+    #[arg(long, default_value = "bench/dna")]
+    dnas: PathBuf,
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Timed training steps per model.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 250)]
+    eval_batch: usize,
+    /// Also time batch norm and each convolution of the 3-convolution model, one by one.
+    #[arg(long)]
+    ops: bool,
+    /// Run bench/torch_reference.py with this Python and print the ratios.
+    #[arg(long)]
+    torch: Option<PathBuf>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Commands::Train(args) => train_command(args),
+        Commands::Mutate(args) => mutate_command(args),
+        Commands::Bench(args) => bench_command(args),
+    }
+}
+
+fn train_command(args: TrainArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let dna = Dna::load(&args.dna)?;
+    let split = Split::load(&args.data, args.dataset, args.split_seed, args.validation)
+        .context("loading the training data")?;
+    let parent = args
+        .inherit
+        .as_deref()
+        .map(|p| Weights::load(p, &device))
+        .transpose()?;
+    let spec = ModelSpec::cifar(args.dataset.classes());
+    let started = Instant::now();
+    let (model, inheritance) = Model::build(
+        &dna,
+        spec,
+        parent.as_ref(),
+        &mut seed::rng(args.seed, Stream::Initialisation),
+        &device,
+    )?;
+    tracing::info!(
+        dna = %dna.summary(),
+        parameters = model.parameter_count(),
+        inherited = inheritance.inherited.len(),
+        fresh = inheritance.fresh.len(),
+        "training"
+    );
+    let config = TrainConfig {
+        batch_size: args.batch,
+        augment: !args.no_augment,
+        ..TrainConfig::paper(args.steps, args.seed)
+    };
+    let report = train::train(
+        &model,
+        dna.learning_rate,
+        &split.train,
+        &split.normalization,
+        &config,
+        &device,
+        &|| false,
+    )?;
+    let evaluation = train::evaluate(
+        &model,
+        &split.validation,
+        &split.normalization,
+        500,
+        &device,
+    )?;
+    let wall = started.elapsed().as_secs_f64();
+    model
+        .weights()
+        .save(&args.weights_out)
+        .context("saving the trained weights")?;
+    let flops = Flops::of(&dna, spec).individual(
+        report.steps * args.batch as u64,
+        split.validation.len() as u64,
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "validation_accuracy": evaluation.accuracy,
+                "flops": flops,
+                "wall_seconds": wall,
+                "training": report,
+                "evaluation": evaluation,
+                "weights": args.weights_out,
+            })
+        );
+    } else {
+        println!(
+            "validation accuracy  {:.4} ({} / {})",
+            evaluation.accuracy, evaluation.correct, evaluation.total
+        );
+        println!("FLOPs                {flops:.4e}");
+        println!(
+            "wall time            {wall:.1} s (training {:.1} s, {} steps, loss {:.3} -> {:.3}{})",
+            report.seconds,
+            report.steps,
+            report.first_loss,
+            report.last_loss,
+            if report.diverged { ", diverged" } else { "" }
+        );
+        println!("weights              {}", args.weights_out.display());
+    }
+    Ok(())
+}
+
+fn mutate_command(args: MutateArgs) -> Result<()> {
+    let parent = if args.parent == "initial" {
+        Dna::initial()
+    } else {
+        Dna::load(Path::new(&args.parent))?
+    };
+    let mut rng = seed::rng(args.seed, Stream::Mutation);
+    let (dna, mutations) = match args.mutation {
+        None => {
+            let child = mutation::mutate(&parent, args.count, &mut rng);
+            (child.dna, child.mutations)
+        }
+        Some(m) => {
+            let mut dna = parent.clone();
+            let mut applied = Vec::new();
+            for _ in 0..args.count {
+                let Some(detail) = m.apply(&mut dna, &mut rng) else {
+                    bail!("{m} cannot apply to {}", args.parent);
+                };
+                applied.push(AppliedMutation {
+                    mutation: m,
+                    detail,
+                });
+            }
+            (dna, applied)
+        }
+    };
+    for m in &mutations {
+        eprintln!("{}: {}", m.mutation, m.detail);
+    }
+    eprintln!("{}", dna.summary());
+    match args.output {
+        Some(path) => std::fs::write(&path, dna.to_json() + "\n")
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{}", dna.to_json()),
+    }
+    Ok(())
+}
+
+fn bench_command(args: BenchArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let mut dnas = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&args.dnas)
+        .with_context(|| format!("reading the reference DNA folder {}", args.dnas.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    // Smallest first: the linear model, then the convolutional ones.
+    paths.sort_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    for path in paths {
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        dnas.push((name, Dna::load(&path)?));
+    }
+    let config = BenchConfig {
+        batch: args.batch,
+        steps: args.steps,
+        warmup: args.warmup,
+        eval_batch: args.eval_batch,
+    };
+    let report = bench::run(&dnas, &config, &device, args.ops)?;
+    let reference = match &args.torch {
+        None => None,
+        Some(python) => {
+            let script = args.dnas.join("../torch_reference.py");
+            let output = Command::new(python)
+                .arg(&script)
+                .args(["--dnas", &args.dnas.to_string_lossy()])
+                .args(["--batch", &args.batch.to_string()])
+                .args(["--steps", &args.steps.to_string()])
+                .args(["--warmup", &args.warmup.to_string()])
+                .args(["--eval-batch", &args.eval_batch.to_string()])
+                .args(if args.ops {
+                    &["--ops", "--json"][..]
+                } else {
+                    &["--json"][..]
+                })
+                .output()
+                .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+            if !output.status.success() {
+                bail!(
+                    "{} failed: {}",
+                    script.display(),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            Some(bench::parse_reference(&String::from_utf8_lossy(
+                &output.stdout,
+            ))?)
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "candle": report, "reference": reference })
+        );
+    } else {
+        print!("{}", bench::render(&report, reference.as_ref()));
+    }
+    Ok(())
+}
