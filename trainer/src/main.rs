@@ -9,6 +9,8 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod cli;
+
 use trainer::bench::{self, BenchConfig};
 use trainer::cost::Flops;
 use trainer::data::{DatasetKind, Split};
@@ -32,12 +34,113 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Run an experiment on this machine: worker threads, the manifest's store, then a report.
+    Run(RunArgs),
+    /// Run as one trainer pod: worker loops against the experiment's store until it stops.
+    Worker(WorkerArgs),
+    /// Summary, best-individual export and progress plot of any store, at any time.
+    Report(ReportArgs),
+    /// Measure the best individual by validation on the test set and record it in the store.
+    Evaluate(EvaluateArgs),
     /// Train one DNA on CIFAR and report its validation accuracy, FLOPs and wall time.
     Train(TrainArgs),
     /// Write a mutated child of a parent DNA, for inspection.
     Mutate(MutateArgs),
     /// Training and evaluation images/s of the reference DNAs (optionally against PyTorch).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The EvolutionExperiment manifest (YAML).
+    manifest: PathBuf,
+    /// Folder with the CIFAR binary files, instead of downloading the manifest's source.
+    #[arg(long, env = "CAMBRIAN_DATA")]
+    data: Option<PathBuf>,
+    /// Store URL instead of the manifest's (s3://bucket/prefix or file:///path).
+    #[arg(long)]
+    store: Option<String>,
+    /// Worker threads instead of the manifest's workers.
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Where the report goes (default: cambrian-output/<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The EvolutionExperiment manifest; or set CAMBRIAN_EXPERIMENT to it in JSON.
+    #[arg(long, env = "CAMBRIAN_MANIFEST")]
+    manifest: Option<PathBuf>,
+    #[arg(long, env = "CAMBRIAN_EXPERIMENT", hide_env_values = true)]
+    experiment: Option<String>,
+    /// This worker's name (default: the host name, i.e. the pod name).
+    #[arg(long, env = "CAMBRIAN_WORKER_NAME")]
+    name: Option<String>,
+    #[arg(long, env = "CAMBRIAN_DATA")]
+    data: Option<PathBuf>,
+    #[arg(long, env = "CAMBRIAN_DEVICE", default_value = "auto")]
+    device: String,
+    /// Worker loops in this process, sharing its device.
+    #[arg(long, env = "CAMBRIAN_WORKER_LOOPS", default_value_t = 1)]
+    loops: u32,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// s3://bucket/prefix or file:///path
+    store: String,
+    /// S3 endpoint of an S3-compatible server.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    #[arg(long)]
+    path_style: bool,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> Result<trainer::store::Population> {
+        let spec = crds::StoreSpec {
+            url: self.store.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            credentials_secret: None,
+            retention: crds::Retention::Retain,
+        };
+        crds::parse_store_url(&spec.url).map_err(|e| anyhow::anyhow!("store URL: {e}"))?;
+        Ok(trainer::store::Population::new(
+            trainer::store::open(&spec).await?,
+        ))
+    }
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// CIFAR folder, to measure the best individual's test accuracy (§3.7).
+    #[arg(long, env = "CAMBRIAN_DATA")]
+    data: Option<PathBuf>,
+    /// Where the export and the plot go.
+    #[arg(long, default_value = "cambrian-report")]
+    out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long, env = "CAMBRIAN_DATA")]
+    data: PathBuf,
+    #[arg(long, env = "CAMBRIAN_DEVICE", default_value = "auto")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -127,10 +230,50 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Commands::Run(args) => runtime()?.block_on(cli::run::run(cli::run::RunOptions {
+            manifest: args.manifest,
+            data: args.data,
+            store: args.store,
+            workers: args.workers,
+            out: args.out,
+            device: args.device,
+        })),
+        Commands::Worker(args) => {
+            runtime()?.block_on(cli::worker::run(cli::worker::WorkerOptions {
+                manifest: args.manifest,
+                experiment_json: args.experiment,
+                name: args.name,
+                data: args.data,
+                device: args.device,
+                loops: args.loops,
+            }))
+        }
+        Commands::Report(args) => runtime()?.block_on(async {
+            let population = args.store.open().await?;
+            cli::report::write_report(
+                &population,
+                cli::report::ReportTarget {
+                    out: args.out,
+                    data: args.data,
+                    device: cli::device(&args.device)?,
+                },
+            )
+            .await
+        }),
+        Commands::Evaluate(args) => runtime()?.block_on(async {
+            let population = args.store.open().await?;
+            cli::report::evaluate(&population, args.data, cli::device(&args.device)?).await
+        }),
         Commands::Train(args) => train_command(args),
         Commands::Mutate(args) => mutate_command(args),
         Commands::Bench(args) => bench_command(args),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {

@@ -58,17 +58,20 @@ impl Optimizer for Sgd {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
-            let w = var.as_tensor();
+            // Detached: the velocity outlives the step, and a tensor that remembered how it
+            // was computed would keep every earlier step's tensors alive with it.
+            let w = var.as_tensor().detach();
+            let grad = grad.detach();
             let g = if weight_decay != 0.0 {
-                (grad + (w * weight_decay)?)?
+                (grad + (&w * weight_decay)?)?
             } else {
-                grad.clone()
+                grad
             };
             let v = match velocity.take() {
                 Some(v) if momentum != 0.0 => ((v * momentum)? + g)?,
                 _ => g,
             };
-            var.set(&(w - (&v * learning_rate)?)?)?;
+            var.set(&(&w - (&v * learning_rate)?)?)?;
             *velocity = Some(v);
         }
         Ok(())
@@ -116,5 +119,10 @@ mod tests {
         let w2: Vec<f32> = w.as_tensor().to_vec1().unwrap();
         assert!((w2[0] - 0.2086505).abs() < 1e-6, "{w2:?}");
         assert!((w2[1] - 1.576901).abs() < 1e-6, "{w2:?}");
+        // The velocity must not hold on to the graph of earlier steps (that leaked the whole
+        // training history: gigabytes over a few thousand steps).
+        for v in sgd.velocity.iter().flatten() {
+            assert!(!v.track_op());
+        }
     }
 }

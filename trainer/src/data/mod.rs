@@ -5,6 +5,7 @@
 mod augment;
 mod cifar;
 pub mod fixture;
+pub mod source;
 pub mod test_set;
 
 pub use augment::{evaluation_batches, Batch, Normalization, TrainingBatches};

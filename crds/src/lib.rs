@@ -1,0 +1,15 @@
+//! The `EvolutionExperiment` custom resource (group `cambrian.dev`, version `v1alpha1`): the
+//! spec a user writes, the status the operator reports, and the one validation every entry
+//! point applies.
+
+pub mod manifest;
+pub mod spec;
+pub mod status;
+pub mod validate;
+
+pub use spec::*;
+pub use status::*;
+pub use validate::{parse_duration, parse_store_url, validate, SpecError, StoreLocation};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! What a user writes: one `EvolutionExperiment` is one experiment of the paper. Every default
+//! is the paper's (§3, §4), so a manifest only names what it changes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::status::EvolutionExperimentStatus;
+
+/// An evolution experiment: a population of image classifiers evolved by tournament selection
+/// (Real et al., 2017), its workers, where it keeps its population and when it stops.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cambrian.dev",
+    version = "v1alpha1",
+    kind = "EvolutionExperiment",
+    namespaced,
+    status = "EvolutionExperimentStatus",
+    shortname = "evo",
+    category = "cambrian",
+    doc = "An evolution experiment: a population of image classifiers evolved by tournament selection.",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Workers","type":"integer","jsonPath":".status.workers"}"#,
+    printcolumn = r#"{"name":"Population","type":"integer","jsonPath":".status.population"}"#,
+    printcolumn = r#"{"name":"Trained","type":"integer","jsonPath":".status.trained"}"#,
+    printcolumn = r#"{"name":"Best-Val","type":"number","format":"float","jsonPath":".status.best.validationAccuracy"}"#,
+    printcolumn = r#"{"name":"Test","type":"number","format":"float","jsonPath":".status.best.testAccuracy"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvolutionExperimentSpec {
+    /// Individuals alive at any time (the paper's P).
+    #[serde(default = "default_population")]
+    #[schemars(range(min = 2))]
+    pub population: u32,
+    /// Workers training children in parallel; default population / 4, as in the paper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub workers: Option<u32>,
+    /// Mutations applied to each child (§5 raises it to 5 to escape local optima).
+    #[serde(default = "default_mutation_rate")]
+    #[schemars(range(min = 1))]
+    pub mutation_rate: u32,
+    /// Seed of every random choice; a run with the same seed and one worker repeats exactly.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    #[serde(default)]
+    pub data: DataSpec,
+    pub store: StoreSpec,
+    #[serde(default)]
+    pub stop: StopSpec,
+    #[serde(default)]
+    pub controls: ControlsSpec,
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// Stop the workers without ending the experiment; unsuspending continues from the store.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_population() -> u32 {
+    1000
+}
+
+fn default_mutation_rate() -> u32 {
+    1
+}
+
+impl EvolutionExperimentSpec {
+    /// The number of workers, defaulted as in the paper.
+    pub fn workers(&self) -> u32 {
+        self.workers.unwrap_or((self.population / 4).max(1))
+    }
+}
+
+/// How each individual is trained (§3.4).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainingSpec {
+    /// Training steps per individual (the paper's T).
+    #[schemars(range(min = 1))]
+    pub steps: u64,
+    #[schemars(range(min = 1))]
+    pub batch_size: u32,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Learning rate of the initial individuals (§3.3); children mutate their own.
+    pub initial_learning_rate: f64,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        Self {
+            steps: 25_600,
+            batch_size: 50,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            initial_learning_rate: 0.1,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataset {
+    #[default]
+    Cifar10,
+    Cifar100,
+}
+
+impl Dataset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dataset::Cifar10 => "cifar10",
+            Dataset::Cifar100 => "cifar100",
+        }
+    }
+}
+
+/// The images: which data set, and where its official binary files come from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataSpec {
+    #[serde(default)]
+    pub dataset: Dataset,
+    /// A local folder, an `s3://bucket/prefix` holding the binary files, or an `http(s)://` URL
+    /// of the official `.tar.gz` archive. Default: the official archive of the data set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// SHA-256 of the archive behind an `http(s)` source; default: the official archive's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Training images held out for validation (the paper: 5,000 of 50,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub validation_images: Option<u32>,
+}
+
+/// Where the population lives: the only state workers share (§3.1).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreSpec {
+    /// `s3://bucket/prefix` or `file:///path`; the experiment's objects live under it.
+    pub url: String,
+    /// S3 endpoint for S3-compatible servers (MinIO, Ceph...); default: AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    #[serde(default)]
+    pub path_style: bool,
+    /// A Secret in the experiment's namespace with `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`; without one, workers use their ambient credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+    /// What deleting the experiment does to its stored population.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum Retention {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// When the experiment ends; the first condition met ends it. None set: it runs until stopped.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StopSpec {
+    /// Individuals trained, the initial population included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub individuals_trained: Option<u64>,
+    /// Wall time since the experiment started, e.g. `10m`, `3d 12h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_time: Option<String>,
+    /// Best validation accuracy (0 to 1) that ends the experiment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_validation_accuracy: Option<f64>,
+}
+
+/// The paper's controls (§4).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ControlsSpec {
+    #[serde(default)]
+    pub selection: Selection,
+    /// Children start from their parent's weights where shapes match (§3.6).
+    #[serde(default = "yes")]
+    pub weight_inheritance: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ControlsSpec {
+    fn default() -> Self {
+        Self {
+            selection: Selection::Tournament,
+            weight_inheritance: true,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// Kill the worse of two random individuals, reproduce the better.
+    #[default]
+    Tournament,
+    /// Kill and reproduce random individuals: the paper's random-search control.
+    None,
+}
+
+/// How worker pods run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerSpec {
+    /// Trainer image; default: the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `auto` (CUDA when present), `cpu` or `cuda:N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+}

@@ -1,0 +1,244 @@
+//! Evolution end to end with real training on tiny data: many workers on one population, over
+//! the S3 store and the file store, with the bookkeeping checked afterwards.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cambrian_tests::s3s::S3Server;
+use cambrian_tests::{as_dyn, s3_store};
+use candle_core::Device;
+use trainer::data::{fixture, DatasetKind, Split};
+use trainer::model::{Model, ModelSpec};
+use trainer::store::{ExperimentRecord, FileStore, ObjectStore, Population};
+use trainer::train::TrainConfig;
+use trainer::weights::Weights;
+use trainer::worker::{self, CandleTrainer, ChildTrainer, StopFlag, WorkerReport, WorkerSettings};
+
+fn tiny_split() -> Arc<Split> {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), DatasetKind::Cifar10, 24, 3).unwrap();
+    Arc::new(Split::load(dir.path(), DatasetKind::Cifar10, 0, None).unwrap())
+}
+
+fn spec(url: &str, population: u32, trained: u64) -> crds::EvolutionExperimentSpec {
+    serde_json::from_value(serde_json::json!({
+        "population": population,
+        "workers": 16,
+        "training": { "steps": 3, "batchSize": 8, "momentum": 0.9, "weightDecay": 0.0001, "initialLearningRate": 0.05 },
+        "store": { "url": url },
+        "stop": { "individualsTrained": trained },
+    }))
+    .unwrap()
+}
+
+fn trainer(split: Arc<Split>, spec: &crds::EvolutionExperimentSpec) -> Arc<dyn ChildTrainer> {
+    Arc::new(CandleTrainer {
+        data: split,
+        config: TrainConfig {
+            steps: spec.training.steps,
+            batch_size: spec.training.batch_size as usize,
+            ..TrainConfig::paper(spec.training.steps, 0)
+        },
+        device: Device::Cpu,
+    })
+}
+
+/// Runs `workers` worker tasks until the experiment's stop condition, watching the alive
+/// count all along; returns the workers' reports and the largest alive count seen.
+async fn evolve(
+    population: &Population,
+    record: &ExperimentRecord,
+    trainer: Arc<dyn ChildTrainer>,
+    workers: u32,
+) -> (Vec<WorkerReport>, usize) {
+    let stop = Arc::new(StopFlag::default());
+    let watcher = tokio::spawn(worker::watch_for_stop(
+        population.clone(),
+        record.clone(),
+        stop.clone(),
+        Duration::from_millis(100),
+    ));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let monitor = {
+        let (population, stop, peak) = (population.clone(), stop.clone(), peak.clone());
+        tokio::spawn(async move {
+            while !stop.is_stopped() {
+                if let Ok(alive) = population.alive().await {
+                    peak.fetch_max(alive.len(), Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let settings = WorkerSettings {
+            idle_wait: Duration::from_millis(20),
+            progress_interval: Duration::from_millis(50),
+            ..WorkerSettings::new(format!("w{i}"), u64::from(i))
+        };
+        let (population, record, trainer, stop) = (
+            population.clone(),
+            record.clone(),
+            trainer.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            worker::run(settings, &population, &record, trainer, stop).await
+        }));
+    }
+    let mut reports = Vec::new();
+    for t in tasks {
+        reports.push(t.await.unwrap().unwrap());
+    }
+    watcher.await.unwrap();
+    monitor.await.unwrap();
+    (reports, peak.load(Ordering::SeqCst))
+}
+
+/// The invariants of a finished run.
+async fn check_books(population: &Population, size: usize, reports: &[WorkerReport], peak: usize) {
+    assert!(peak <= size, "population reached {peak} > {size}");
+    let alive = population.alive().await.unwrap();
+    let alive_ids: HashSet<_> = alive.iter().map(|a| a.id.clone()).collect();
+    let dead = population.dead().await.unwrap();
+    let recorded: HashSet<_> = population.recorded().await.unwrap().into_iter().collect();
+    let trained: u64 = reports.iter().map(|r| r.trained).sum();
+    let kills: u64 = reports.iter().map(|r| r.kills).sum();
+    let abandoned: u64 = reports.iter().map(|r| r.abandoned).sum();
+    // Every kill is one tombstone: nobody was killed twice.
+    assert_eq!(kills as usize, dead.len());
+    // Alive and dead partition everything ever born.
+    assert!(alive_ids.is_disjoint(&dead));
+    assert_eq!(alive_ids.union(&dead).count(), recorded.len());
+    assert_eq!(trained as usize, recorded.len());
+    // Every birth after the first P replaced a kill; an abandoned child leaves its gap.
+    assert_eq!(alive.len() as u64 + abandoned, size as u64);
+    assert_eq!(population.summary().await.unwrap().trained, trained);
+    // Every alive individual loads completely and builds.
+    for entry in &alive {
+        let record = population.individual(&entry.id).await.unwrap().unwrap();
+        assert!((record.fitness() - entry.fitness).abs() < 1e-6);
+        let bytes = population.weights(&entry.id).await.unwrap().unwrap();
+        let weights = Weights::from_safetensors(&bytes, &Device::Cpu).unwrap();
+        Model::build(
+            &record.dna,
+            ModelSpec::cifar(10),
+            Some(&weights),
+            &mut trainer::seed::rng(0, trainer::seed::Stream::Initialisation),
+            &Device::Cpu,
+        )
+        .unwrap();
+    }
+}
+
+async fn sixteen_workers(store: Arc<dyn ObjectStore>) {
+    let split = tiny_split();
+    let spec = spec(store.url(), 8, 80);
+    let population = Population::new(store);
+    let record = population
+        .start_experiment("concurrency", &spec)
+        .await
+        .unwrap();
+    let (reports, peak) = evolve(&population, &record, trainer(split, &spec), 16).await;
+    let trained: u64 = reports.iter().map(|r| r.trained).sum();
+    let conflicts: u64 = reports.iter().map(|r| r.conflicts).sum();
+    let kills: u64 = reports.iter().map(|r| r.kills).sum();
+    eprintln!("trained {trained}, kills {kills}, conflicts {conflicts}, peak alive {peak}");
+    assert!(trained >= 80, "stopped after {trained}");
+    assert!(
+        reports.iter().filter(|r| r.trained > 0).count() > 8,
+        "most workers took part"
+    );
+    check_books(&population, 8, &reports, peak).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_workers_on_s3() {
+    let server = S3Server::start().await;
+    sixteen_workers(as_dyn(
+        s3_store(&server.endpoint, "evolution", "concurrency").await,
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_workers_on_files() {
+    let dir = tempfile::tempdir().unwrap();
+    sixteen_workers(as_dyn(Arc::new(FileStore::open(dir.path()).await.unwrap()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_individual_is_skipped_and_evolution_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = as_dyn(Arc::new(FileStore::open(dir.path()).await.unwrap()));
+    let split = tiny_split();
+    let spec = spec(store.url(), 4, 30);
+    let population = Population::new(store.clone());
+    let record = population.start_experiment("corrupt", &spec).await.unwrap();
+    // Fill the initial population by hand, then corrupt one individual's record and
+    // another's weights, and drop a foreign object among the alive keys.
+    let raise = trainer(split.clone(), &spec);
+    for slot in 0..4 {
+        assert!(population.claim_slot(slot, "setup").await.unwrap());
+        let job = worker::ChildJob {
+            dna: Population::initial_dna(&spec),
+            parent_weights: None,
+            seed: u64::from(slot),
+        };
+        let child = raise.train_child(job, &StopFlag::default()).unwrap();
+        let individual = trainer::individual::Individual {
+            format_version: trainer::individual::FORMAT_VERSION,
+            id: trainer::individual::IndividualId::new(),
+            dna: Population::initial_dna(&spec),
+            lineage: trainer::individual::Lineage {
+                parent: None,
+                slot: Some(slot),
+                mutations: vec![],
+                seed: u64::from(slot),
+                worker: "setup".into(),
+                inherited_tensors: 0,
+                fresh_tensors: child.fresh_tensors,
+            },
+            outcome: child.outcome,
+            started_at_ms: 0,
+            born_at_ms: trainer::individual::now_ms(),
+        };
+        population.add(&individual, child.weights).await.unwrap();
+    }
+    let alive = population.alive().await.unwrap();
+    assert_eq!(alive.len(), 4);
+    store
+        .put(
+            &format!("individuals/{}/individual.json", alive[0].id),
+            Bytes::from_static(b"{\"garbage\": true}"),
+        )
+        .await
+        .unwrap();
+    store
+        .put(
+            &format!("individuals/{}/weights.safetensors", alive[1].id),
+            Bytes::from_static(b"not safetensors"),
+        )
+        .await
+        .unwrap();
+    store
+        .put("alive/stray-file.txt", Bytes::new())
+        .await
+        .unwrap();
+    let (reports, _) = evolve(&population, &record, trainer(split, &spec), 2).await;
+    let trained: u64 = reports.iter().map(|r| r.trained).sum();
+    assert!(trained >= 20, "evolution stalled after {trained}");
+    // Both broken individuals lost the first tournament they were in.
+    let survivors: HashSet<_> = population
+        .alive()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert!(!survivors.contains(&alive[0].id) && !survivors.contains(&alive[1].id));
+}

@@ -1,0 +1,372 @@
+//! What an experiment has produced, from any store at any time: a summary, the best
+//! individual by validation accuracy (exported, and measured once on the test set, §3.7), and
+//! a plot like the paper's figure 1.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use futures::StreamExt;
+use plotters::prelude::*;
+
+use crate::data::test_set::TestSet;
+use crate::data::{DataError, DatasetKind, Normalization, Split};
+use crate::individual::{now_ms, Individual};
+use crate::model::{Model, ModelError, ModelSpec};
+use crate::seed::{self, Stream};
+use crate::store::{ExperimentRecord, Population, StoreError, TestResult};
+use crate::train::{self, TrainError};
+use crate::weights::{Weights, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} holds no experiment (no experiment.json)")]
+    NoExperiment(String),
+    #[error("{0} holds no trained individual yet")]
+    Empty(String),
+    #[error("the weights of individual {0} are gone (it died and was collected)")]
+    NoWeights(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("writing {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// Every recorded individual of an experiment, and which are alive.
+pub struct Gathered {
+    pub record: ExperimentRecord,
+    pub individuals: Vec<Individual>,
+    pub alive: HashSet<String>,
+    /// Records that could not be read (reported, not fatal).
+    pub unreadable: usize,
+}
+
+impl Gathered {
+    /// The best individual by validation accuracy, alive or dead (earliest wins ties).
+    pub fn best(&self) -> Option<&Individual> {
+        self.individuals.iter().max_by(|a, b| {
+            a.fitness()
+                .total_cmp(&b.fitness())
+                .then(b.born_at_ms.cmp(&a.born_at_ms))
+        })
+    }
+}
+
+/// Reads every individual's record (16 at a time).
+pub async fn gather(population: &Population) -> Result<Gathered, ReportError> {
+    let record = population
+        .experiment()
+        .await?
+        .ok_or_else(|| ReportError::NoExperiment(population.url().to_string()))?;
+    let (ids, alive) = tokio::try_join!(population.recorded(), population.alive())?;
+    let mut individuals = Vec::with_capacity(ids.len());
+    let mut unreadable = 0;
+    let mut reads = futures::stream::iter(ids.into_iter().map(|id| {
+        let population = population.clone();
+        async move { (id.clone(), population.individual(&id).await) }
+    }))
+    .buffer_unordered(16);
+    while let Some((id, result)) = reads.next().await {
+        match result {
+            Ok(Some(individual)) => individuals.push(individual),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(id = %id, error = %e, "skipping an unreadable individual");
+                unreadable += 1;
+            }
+        }
+    }
+    individuals.sort_by_key(|i| i.born_at_ms);
+    Ok(Gathered {
+        record,
+        individuals,
+        alive: alive.iter().map(|a| a.id.to_string()).collect(),
+        unreadable,
+    })
+}
+
+pub fn summary_text(g: &Gathered, test: Option<&TestResult>) -> String {
+    let mut out = String::new();
+    let spec = &g.record.spec;
+    let flops: f64 = g.individuals.iter().map(|i| i.outcome.flops).sum();
+    let worker_seconds: f64 = g
+        .individuals
+        .iter()
+        .map(|i| {
+            i.outcome.training_seconds + i.outcome.evaluation_seconds + i.outcome.overhead_seconds
+        })
+        .sum();
+    let span_ms = g
+        .individuals
+        .last()
+        .map(|i| i.born_at_ms.saturating_sub(g.record.created_at_ms))
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "experiment   {} ({}, population {}, T = {}, mutation rate {})",
+        g.record.name,
+        spec.data.dataset.as_str(),
+        spec.population,
+        spec.training.steps,
+        spec.mutation_rate
+    );
+    let _ = writeln!(
+        out,
+        "individuals  {} trained, {} alive{}",
+        g.individuals.len(),
+        g.alive.len(),
+        if g.unreadable > 0 {
+            format!(", {} unreadable", g.unreadable)
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "time         {:.1} min from start to the last birth, {:.1} worker-hours",
+        span_ms as f64 / 60_000.0,
+        worker_seconds / 3600.0
+    );
+    let _ = writeln!(out, "compute      {flops:.3e} FLOPs");
+    if let Some(best) = g.best() {
+        let _ = writeln!(
+            out,
+            "best         {} validation {:.4}{}",
+            best.id,
+            best.fitness(),
+            match test {
+                Some(t) if t.id == best.id => format!(", test {:.4}", t.test_accuracy),
+                _ => String::new(),
+            }
+        );
+        let _ = writeln!(
+            out,
+            "             {} convolutions, {} parameters, learning rate {:.4}, {} ancestors",
+            best.outcome.convolutions,
+            best.outcome.parameters,
+            best.dna.learning_rate,
+            ancestors(g, best)
+        );
+        let _ = writeln!(out, "             {}", best.dna.summary());
+    }
+    out
+}
+
+fn ancestors(g: &Gathered, individual: &Individual) -> usize {
+    let mut count = 0;
+    let mut current = individual.lineage.parent.clone();
+    while let Some(id) = current {
+        count += 1;
+        current = g
+            .individuals
+            .iter()
+            .find(|i| i.id == id)
+            .and_then(|i| i.lineage.parent.clone());
+    }
+    count
+}
+
+/// Writes the best individual's DNA, weights and record into `dir`.
+pub async fn export_best(
+    population: &Population,
+    g: &Gathered,
+    test: Option<&TestResult>,
+    dir: &Path,
+) -> Result<PathBuf, ReportError> {
+    let best = g
+        .best()
+        .ok_or_else(|| ReportError::Empty(population.url().to_string()))?;
+    let weights = population
+        .weights(&best.id)
+        .await?
+        .ok_or_else(|| ReportError::NoWeights(best.id.to_string()))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<(), ReportError> {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| ReportError::Write {
+            path,
+            message: e.to_string(),
+        })
+    };
+    std::fs::create_dir_all(dir).map_err(|e| ReportError::Write {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write("dna.json", best.dna.to_json().as_bytes())?;
+    write("weights.safetensors", &weights)?;
+    let mut result = serde_json::to_value(best).expect("serialisable");
+    if let Some(t) = test.filter(|t| t.id == best.id) {
+        result["test"] = serde_json::to_value(t).expect("serialisable");
+    }
+    write(
+        "individual.json",
+        serde_json::to_string_pretty(&result)
+            .expect("serialisable")
+            .as_bytes(),
+    )?;
+    Ok(dir.to_path_buf())
+}
+
+/// Measures the best individual by validation accuracy on the test set, once, and records the
+/// result in the store; a result already recorded for the same individual is reused.
+pub async fn evaluate_best(
+    population: &Population,
+    g: &Gathered,
+    data_dir: &Path,
+    device: &Device,
+) -> Result<TestResult, ReportError> {
+    let best = g
+        .best()
+        .ok_or_else(|| ReportError::Empty(population.url().to_string()))?;
+    if let Some(result) = population.test_result(&best.id).await? {
+        return Ok(result);
+    }
+    let weights = population
+        .weights(&best.id)
+        .await?
+        .ok_or_else(|| ReportError::NoWeights(best.id.to_string()))?;
+    let kind = match g.record.spec.data.dataset {
+        crds::Dataset::Cifar10 => DatasetKind::Cifar10,
+        crds::Dataset::Cifar100 => DatasetKind::Cifar100,
+    };
+    let spec = g.record.spec.clone();
+    let dna = best.dna.clone();
+    let id = best.id.clone();
+    let data_dir = data_dir.to_path_buf();
+    let device = device.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<TestResult, ReportError> {
+        // The normalisation is the training split's, exactly as the individual was trained.
+        let split = Split::load(
+            &data_dir,
+            kind,
+            spec.seed,
+            spec.data.validation_images.map(|v| v as usize),
+        )?;
+        let normalization: Normalization = split.normalization;
+        drop(split);
+        let test = TestSet::load(&data_dir, kind)?;
+        let weights = Weights::from_safetensors(&weights, &device)?;
+        let (model, _) = Model::build(
+            &dna,
+            ModelSpec::cifar(kind.classes()),
+            Some(&weights),
+            &mut seed::rng(0, Stream::Initialisation),
+            &device,
+        )?;
+        let evaluation = train::evaluate(
+            &model,
+            test.images_for_reporting(),
+            &normalization,
+            500,
+            &device,
+        )?;
+        Ok(TestResult {
+            id,
+            test_accuracy: evaluation.accuracy,
+            correct: evaluation.correct,
+            total: evaluation.total,
+            at_ms: now_ms(),
+        })
+    })
+    .await
+    .map_err(|e| ReportError::Write {
+        path: PathBuf::from("<test evaluation>"),
+        message: e.to_string(),
+    })??;
+    population.record_test_result(&result).await?;
+    Ok(result)
+}
+
+/// The paper's figure 1: every individual a dot at (time of birth, validation accuracy), alive
+/// ones in blue, dead ones in grey, and the best accuracy so far as a line.
+pub fn plot(g: &Gathered, path: &Path) -> Result<(), ReportError> {
+    let err = |e: String| ReportError::Write {
+        path: path.to_path_buf(),
+        message: e,
+    };
+    let span_ms = g
+        .individuals
+        .last()
+        .map(|i| i.born_at_ms.saturating_sub(g.record.created_at_ms))
+        .unwrap_or(0)
+        .max(1);
+    let (unit, scale) = if span_ms < 2 * 3_600_000 {
+        ("minutes", 60_000.0)
+    } else {
+        ("hours", 3_600_000.0)
+    };
+    let x = |i: &Individual| i.born_at_ms.saturating_sub(g.record.created_at_ms) as f64 / scale;
+    let x_max = span_ms as f64 / scale * 1.02;
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{}: {} individuals", g.record.name, g.individuals.len()),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..1f64)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("wall time ({unit})"))
+        .y_desc("validation accuracy")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let grey = RGBColor(170, 170, 170);
+    let blue = RGBColor(31, 90, 200);
+    chart
+        .draw_series(
+            g.individuals
+                .iter()
+                .filter(|i| !g.alive.contains(i.id.as_str()))
+                .map(|i| Circle::new((x(i), i.fitness()), 2, grey.filled())),
+        )
+        .map_err(|e| err(e.to_string()))?
+        .label("dead")
+        .legend(move |(a, b)| Circle::new((a, b), 3, grey.filled()));
+    chart
+        .draw_series(
+            g.individuals
+                .iter()
+                .filter(|i| g.alive.contains(i.id.as_str()))
+                .map(|i| Circle::new((x(i), i.fitness()), 3, blue.filled())),
+        )
+        .map_err(|e| err(e.to_string()))?
+        .label("alive")
+        .legend(move |(a, b)| Circle::new((a, b), 3, blue.filled()));
+    let mut best = 0f64;
+    let mut line = Vec::new();
+    for i in &g.individuals {
+        if i.fitness() > best {
+            line.push((x(i), best));
+            best = i.fitness();
+            line.push((x(i), best));
+        }
+    }
+    line.push((x_max, best));
+    chart
+        .draw_series(LineSeries::new(line, RED.stroke_width(2)))
+        .map_err(|e| err(e.to_string()))?
+        .label("best so far")
+        .legend(|(a, b)| PathElement::new(vec![(a, b), (a + 15, b)], RED));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The population store: the only state workers share (§3.1). Backends provide a handful of
+//! object operations with the one atomic primitive the algorithm needs, a create-only write;
+//! [`Population`] builds the experiment's layout and semantics on top of them once, so both
+//! backends behave the same by construction and pass the same conformance suite.
+
+mod counting;
+mod file;
+mod population;
+mod s3;
+
+pub use counting::{CountingStore, RequestCounts};
+pub use file::FileStore;
+pub use population::{
+    check_worker_name, AliveEntry, ExperimentRecord, Population, ProgressEntry, StopMarker,
+    Summary, TestResult,
+};
+pub use s3::{S3Settings, S3Store};
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
+    #[error("{store}: {operation} {key}: {message}")]
+    Backend {
+        store: String,
+        operation: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("{store}: cannot authenticate: {message}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.store.credentialsSecret on a cluster)")]
+    Credentials { store: String, message: String },
+    #[error("{store}: {key} is corrupt: {reason}")]
+    Corrupt {
+        store: String,
+        key: String,
+        reason: String,
+    },
+    #[error("{store}: {message}")]
+    Conflict { store: String, message: String },
+}
+
+/// The object operations a backend provides. Keys are relative to the experiment's root and
+/// checked by [`check_key`]; a backend never sees a key that could leave its root.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + Debug {
+    /// The store's URL, for messages.
+    fn url(&self) -> &str;
+    /// The object, or `None` if there is none.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+    /// Writes the object whole, replacing any previous one; readers never see part of it.
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
+    /// Writes the object only if none exists: `true` if this call created it. Among concurrent
+    /// callers exactly one gets `true`.
+    async fn put_new(&self, key: &str, body: Bytes) -> Result<bool, StoreError>;
+    /// Removes the object; removing a missing one is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Every key under `prefix` (which ends with `/`), at any depth.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+}
+
+/// Opens the store a spec names. S3 credentials come from `credentials` when given (the
+/// operator passes the Secret's keys through the environment), else from the usual chain.
+pub async fn open(store: &crds::StoreSpec) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    match crds::parse_store_url(&store.url).map_err(|reason| StoreError::InvalidKey {
+        key: store.url.clone(),
+        reason,
+    })? {
+        crds::StoreLocation::File { path } => Ok(Arc::new(FileStore::open(path.as_ref()).await?)),
+        crds::StoreLocation::S3 { bucket, prefix } => Ok(Arc::new(
+            S3Store::connect(S3Settings {
+                bucket,
+                prefix,
+                endpoint: store.endpoint.clone(),
+                region: store.region.clone(),
+                path_style: store.path_style,
+                credentials: None,
+            })
+            .await?,
+        )),
+    }
+}
+
+/// Keys are `/`-separated segments of letters, digits and `-_.@`; no segment is empty, `.`
+/// or `..`. Everything that becomes part of a key (ids, worker names) is checked before it
+/// gets there; this is the last line.
+pub fn check_key(key: &str) -> Result<(), StoreError> {
+    let reason = if key.is_empty() || key.len() > 512 {
+        Some("must be 1 to 512 characters")
+    } else if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        Some("has an empty, '.' or '..' segment")
+    } else if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.' | '@'))
+    {
+        Some("has characters other than letters, digits and -_.@/")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A listing prefix: like a key, but ending with `/`.
+pub fn check_prefix(prefix: &str) -> Result<(), StoreError> {
+    match prefix.strip_suffix('/') {
+        Some(inner) => check_key(inner),
+        None => Err(StoreError::InvalidKey {
+            key: prefix.to_string(),
+            reason: "a listing prefix ends with '/'".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cannot_escape() {
+        for ok in [
+            "alive/abc@0.5123",
+            "individuals/x-1/weights.safetensors",
+            "experiment.json",
+        ] {
+            check_key(ok).unwrap();
+        }
+        for bad in [
+            "", "../x", "a/../b", "/abs", "a//b", "a/./b", "a b", "a\\b", "a/%2e%2e",
+        ] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+        check_prefix("alive/").unwrap();
+        assert!(check_prefix("alive").is_err());
+    }
+}

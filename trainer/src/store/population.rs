@@ -1,0 +1,531 @@
+//! The experiment's layout in a store, and the operations of §3.1 on it.
+//!
+//! ```text
+//! experiment.json                        the spec and start time, written once, create-only
+//! slots/<k>                              claim of initial-population slot k, create-only
+//! individuals/<id>/individual.json       DNA, lineage and outcome (kept after death)
+//! individuals/<id>/weights.safetensors   deleted when the individual dies
+//! alive/<id>@<fitness>                   written last: the individual exists from here on
+//! dead/<id>                              the kill, create-only: exactly one worker wins it
+//! progress/<worker>@<trained>@<mflops>@<ms>@<best fitness>@<best id>
+//!                                        each worker's running totals, replaced as they grow
+//! control/stop                           the stop marker, create-only
+//! evaluation/<id>.json                   test accuracy of the reported individual
+//! ```
+//!
+//! As in the paper's footnote 2, keys carry what the hot paths need: one LIST of `alive/`
+//! answers a tournament, and one LIST of `alive/` plus one of `progress/` answers the status.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{ObjectStore, StoreError};
+use crate::dna::Dna;
+use crate::individual::{now_ms, Individual, IndividualId, FORMAT_VERSION};
+
+const EXPERIMENT: &str = "experiment.json";
+const SLOTS: &str = "slots/";
+const INDIVIDUALS: &str = "individuals/";
+const ALIVE: &str = "alive/";
+const DEAD: &str = "dead/";
+const PROGRESS: &str = "progress/";
+const STOP: &str = "control/stop";
+const EVALUATION: &str = "evaluation/";
+
+/// The experiment as recorded when it started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentRecord {
+    pub format_version: u32,
+    pub name: String,
+    pub spec: crds::EvolutionExperimentSpec,
+    pub created_at_ms: u64,
+}
+
+/// An alive individual as its key shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AliveEntry {
+    pub id: IndividualId,
+    pub fitness: f64,
+}
+
+impl AliveEntry {
+    fn key(&self) -> String {
+        alive_key(&self.id, self.fitness)
+    }
+}
+
+fn alive_key(id: &IndividualId, fitness: f64) -> String {
+    format!("{ALIVE}{id}@{fitness:.6}")
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StopMarker {
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// A worker's running totals, as its progress key shows them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProgressEntry {
+    pub worker: String,
+    pub trained: u64,
+    pub flops: f64,
+    pub seconds: f64,
+    pub best: Option<AliveEntry>,
+}
+
+impl ProgressEntry {
+    fn key(&self) -> String {
+        let (fitness, id) = match &self.best {
+            Some(b) => (format!("{:.6}", b.fitness), b.id.to_string()),
+            None => ("0".to_string(), "none".to_string()),
+        };
+        format!(
+            "{PROGRESS}{}@{}@{}@{}@{fitness}@{id}",
+            self.worker,
+            self.trained,
+            (self.flops / 1e6).round() as u64,
+            (self.seconds * 1e3).round() as u64,
+        )
+    }
+
+    fn parse(key: &str) -> Option<Self> {
+        let rest = key.strip_prefix(PROGRESS)?;
+        let parts: Vec<&str> = rest.split('@').collect();
+        let [worker, trained, mflops, ms, fitness, id] = parts[..] else {
+            return None;
+        };
+        check_worker_name(worker).ok()?;
+        let best = if id == "none" {
+            None
+        } else {
+            Some(AliveEntry {
+                id: IndividualId::parse(id).ok()?,
+                fitness: parse_fitness(fitness)?,
+            })
+        };
+        Some(Self {
+            worker: worker.to_string(),
+            trained: trained.parse().ok()?,
+            flops: mflops.parse::<u64>().ok()? as f64 * 1e6,
+            seconds: ms.parse::<u64>().ok()? as f64 / 1e3,
+            best,
+        })
+    }
+}
+
+/// What the status and the progress bar show; two LISTs compute it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub alive: usize,
+    pub trained: u64,
+    pub flops: f64,
+    pub worker_seconds: f64,
+    /// Best by validation accuracy, alive or dead.
+    pub best: Option<AliveEntry>,
+}
+
+/// A test accuracy measured for reporting (§3.7).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TestResult {
+    pub id: IndividualId,
+    pub test_accuracy: f64,
+    pub correct: usize,
+    pub total: usize,
+    pub at_ms: u64,
+}
+
+fn parse_fitness(text: &str) -> Option<f64> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() && (0.0..=1.0).contains(f))
+}
+
+/// Worker names go into keys: 1-63 lower-case letters, digits and '-', like a pod name.
+pub fn check_worker_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "worker name {name:?} must be 1-63 lower-case letters, digits or '-'"
+        ))
+    }
+}
+
+/// The population of one experiment in one store.
+#[derive(Clone, Debug)]
+pub struct Population {
+    store: Arc<dyn ObjectStore>,
+    /// Foreign keys already warned about, so a stray object is reported once, not per LIST.
+    reported: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Population {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            store,
+            reported: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn url(&self) -> &str {
+        self.store.url()
+    }
+
+    fn skip(&self, key: &str, why: &str) {
+        let new = self
+            .reported
+            .lock()
+            .map(|mut r| r.insert(key.to_string()))
+            .unwrap_or(true);
+        if new {
+            tracing::warn!(
+                store = self.url(),
+                key,
+                why,
+                "skipping an object that is not ours"
+            );
+        }
+    }
+
+    fn corrupt(&self, key: &str, reason: impl ToString) -> StoreError {
+        StoreError::Corrupt {
+            store: self.url().to_string(),
+            key: key.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Records the experiment, or checks that the recorded one is the same experiment: a
+    /// store holds one experiment, and resuming it with another spec would mix two.
+    pub async fn start_experiment(
+        &self,
+        name: &str,
+        spec: &crds::EvolutionExperimentSpec,
+    ) -> Result<ExperimentRecord, StoreError> {
+        let record = ExperimentRecord {
+            format_version: FORMAT_VERSION,
+            name: name.to_string(),
+            spec: spec.clone(),
+            created_at_ms: now_ms(),
+        };
+        let body = serde_json::to_vec_pretty(&record).expect("serialisable");
+        if self.store.put_new(EXPERIMENT, Bytes::from(body)).await? {
+            return Ok(record);
+        }
+        let existing = self.experiment().await?.ok_or_else(|| {
+            self.corrupt(
+                EXPERIMENT,
+                "it vanished right after a create-only write failed",
+            )
+        })?;
+        let essence = |s: &crds::EvolutionExperimentSpec| {
+            (
+                s.population,
+                s.mutation_rate,
+                s.seed,
+                s.training.clone(),
+                s.data.dataset,
+                s.data.validation_images,
+                s.controls.clone(),
+            )
+        };
+        if essence(&existing.spec) != essence(spec) {
+            return Err(StoreError::Conflict {
+                store: self.url().to_string(),
+                message: format!(
+                    "it holds experiment {:?} with a different spec (population, training, data or controls differ); use another store URL for a new experiment",
+                    existing.name
+                ),
+            });
+        }
+        Ok(existing)
+    }
+
+    pub async fn experiment(&self) -> Result<Option<ExperimentRecord>, StoreError> {
+        let Some(bytes) = self.store.get(EXPERIMENT).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(EXPERIMENT, e))
+    }
+
+    pub async fn claimed_slots(&self) -> Result<HashSet<u32>, StoreError> {
+        let mut slots = HashSet::new();
+        for key in self.store.list(SLOTS).await? {
+            match key.strip_prefix(SLOTS).and_then(|k| k.parse::<u32>().ok()) {
+                Some(k) => {
+                    slots.insert(k);
+                }
+                None => self.skip(&key, "not a slot number"),
+            }
+        }
+        Ok(slots)
+    }
+
+    /// Claims initial-population slot `slot`: `true` if this worker now owns it.
+    pub async fn claim_slot(&self, slot: u32, worker: &str) -> Result<bool, StoreError> {
+        self.store
+            .put_new(&format!("{SLOTS}{slot}"), Bytes::from(worker.to_string()))
+            .await
+    }
+
+    /// The alive individuals, from one LIST.
+    pub async fn alive(&self) -> Result<Vec<AliveEntry>, StoreError> {
+        let mut alive = Vec::new();
+        for key in self.store.list(ALIVE).await? {
+            let parsed = key
+                .strip_prefix(ALIVE)
+                .and_then(|rest| rest.split_once('@'))
+                .and_then(|(id, fitness)| {
+                    Some(AliveEntry {
+                        id: IndividualId::parse(id).ok()?,
+                        fitness: parse_fitness(fitness)?,
+                    })
+                });
+            match parsed {
+                Some(entry) => alive.push(entry),
+                None => self.skip(&key, "not <id>@<fitness>"),
+            }
+        }
+        Ok(alive)
+    }
+
+    /// An individual's record; a record that does not parse or whose DNA is invalid is an
+    /// error the caller can skip.
+    pub async fn individual(&self, id: &IndividualId) -> Result<Option<Individual>, StoreError> {
+        let key = format!("{INDIVIDUALS}{id}/individual.json");
+        let Some(bytes) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let individual: Individual =
+            serde_json::from_slice(&bytes).map_err(|e| self.corrupt(&key, e))?;
+        if individual.id != *id {
+            return Err(self.corrupt(&key, format!("it names individual {}", individual.id)));
+        }
+        individual
+            .dna
+            .validate()
+            .map_err(|e| self.corrupt(&key, e))?;
+        Ok(Some(individual))
+    }
+
+    pub async fn weights(&self, id: &IndividualId) -> Result<Option<Bytes>, StoreError> {
+        self.store
+            .get(&format!("{INDIVIDUALS}{id}/weights.safetensors"))
+            .await
+    }
+
+    /// Puts a trained individual in: weights and record first, the alive key last, so that
+    /// nobody ever sees part of an individual.
+    pub async fn add(&self, individual: &Individual, weights: Bytes) -> Result<(), StoreError> {
+        let id = &individual.id;
+        self.store
+            .put(&format!("{INDIVIDUALS}{id}/weights.safetensors"), weights)
+            .await?;
+        let record = serde_json::to_vec_pretty(individual).expect("serialisable");
+        self.store
+            .put(
+                &format!("{INDIVIDUALS}{id}/individual.json"),
+                Bytes::from(record),
+            )
+            .await?;
+        self.store
+            .put(&alive_key(id, individual.fitness()), Bytes::new())
+            .await
+    }
+
+    /// Kills `victim`: `true` if this call did it. Exactly one of any number of concurrent
+    /// callers wins; the others get `false` and, as in the paper, give up and try again.
+    /// The winner removes the alive key and collects the weights (unless `keep_weights`); the
+    /// record stays as lineage.
+    pub async fn kill(&self, victim: &AliveEntry, keep_weights: bool) -> Result<bool, StoreError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "killed_at_ms": now_ms() }))
+            .expect("serialisable");
+        let won = self
+            .store
+            .put_new(&format!("{DEAD}{}", victim.id), Bytes::from(body))
+            .await?;
+        // A loser also cleans up: the winner may have crashed between its kill and its
+        // cleanup, and removing what is already removed is harmless.
+        self.store.delete(&victim.key()).await?;
+        if !keep_weights {
+            self.store
+                .delete(&format!("{INDIVIDUALS}{}/weights.safetensors", victim.id))
+                .await?;
+        }
+        Ok(won)
+    }
+
+    pub async fn dead(&self) -> Result<HashSet<IndividualId>, StoreError> {
+        let mut dead = HashSet::new();
+        for key in self.store.list(DEAD).await? {
+            match key.strip_prefix(DEAD).map(IndividualId::parse) {
+                Some(Ok(id)) => {
+                    dead.insert(id);
+                }
+                _ => self.skip(&key, "not an individual id"),
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Every individual that has a record, alive or dead.
+    pub async fn recorded(&self) -> Result<Vec<IndividualId>, StoreError> {
+        let mut ids = Vec::new();
+        for key in self.store.list(INDIVIDUALS).await? {
+            let Some(rest) = key.strip_prefix(INDIVIDUALS) else {
+                continue;
+            };
+            match rest.split_once('/') {
+                Some((id, "individual.json")) => match IndividualId::parse(id) {
+                    Ok(id) => ids.push(id),
+                    Err(_) => self.skip(&key, "not an individual id"),
+                },
+                Some((_, "weights.safetensors")) => {}
+                _ => self.skip(&key, "not part of an individual"),
+            }
+        }
+        Ok(ids)
+    }
+
+    pub async fn stop_marker(&self) -> Result<Option<StopMarker>, StoreError> {
+        match self.store.get(STOP).await? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                StopMarker {
+                    reason: format!("stop marker present (unreadable: {e})"),
+                    at_ms: 0,
+                }
+            }))),
+        }
+    }
+
+    /// Asks every worker to stop; `true` if this call set the marker.
+    pub async fn request_stop(&self, reason: &str) -> Result<bool, StoreError> {
+        let marker = StopMarker {
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        };
+        self.store
+            .put_new(
+                STOP,
+                Bytes::from(serde_json::to_vec(&marker).expect("serialisable")),
+            )
+            .await
+    }
+
+    /// Replaces a worker's progress key with `entry`'s; returns the new key to pass as
+    /// `previous` next time.
+    pub async fn record_progress(
+        &self,
+        entry: &ProgressEntry,
+        previous: Option<&str>,
+    ) -> Result<String, StoreError> {
+        check_worker_name(&entry.worker).map_err(|reason| StoreError::InvalidKey {
+            key: entry.worker.clone(),
+            reason,
+        })?;
+        let key = entry.key();
+        self.store.put(&key, Bytes::new()).await?;
+        if let Some(previous) = previous.filter(|p| *p != key) {
+            self.store.delete(previous).await?;
+        }
+        Ok(key)
+    }
+
+    /// Every worker's latest totals (the largest, should a crash have left two keys).
+    pub async fn progress(&self) -> Result<Vec<ProgressEntry>, StoreError> {
+        let mut latest: BTreeMap<String, ProgressEntry> = BTreeMap::new();
+        for key in self.store.list(PROGRESS).await? {
+            match ProgressEntry::parse(&key) {
+                Some(entry) => {
+                    let slot = latest.entry(entry.worker.clone()).or_default();
+                    if entry.trained >= slot.trained {
+                        *slot = entry;
+                    }
+                }
+                None => self.skip(&key, "not a progress key"),
+            }
+        }
+        Ok(latest.into_values().collect())
+    }
+
+    pub async fn summary(&self) -> Result<Summary, StoreError> {
+        let (alive, progress) = tokio::try_join!(self.alive(), self.progress())?;
+        let best = alive
+            .iter()
+            .chain(progress.iter().filter_map(|p| p.best.as_ref()))
+            .max_by(|a, b| a.fitness.total_cmp(&b.fitness))
+            .cloned();
+        Ok(Summary {
+            alive: alive.len(),
+            trained: progress.iter().map(|p| p.trained).sum(),
+            flops: progress.iter().map(|p| p.flops).sum(),
+            worker_seconds: progress.iter().map(|p| p.seconds).sum(),
+            best,
+        })
+    }
+
+    pub async fn record_test_result(&self, result: &TestResult) -> Result<(), StoreError> {
+        let body = serde_json::to_vec_pretty(result).expect("serialisable");
+        self.store
+            .put(
+                &format!("{EVALUATION}{}.json", result.id),
+                Bytes::from(body),
+            )
+            .await
+    }
+
+    pub async fn test_result(&self, id: &IndividualId) -> Result<Option<TestResult>, StoreError> {
+        let key = format!("{EVALUATION}{id}.json");
+        match self.store.get(&key).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(&key, e)),
+        }
+    }
+
+    /// The initial individual's DNA for this experiment.
+    pub fn initial_dna(spec: &crds::EvolutionExperimentSpec) -> Dna {
+        let mut dna = Dna::initial();
+        dna.learning_rate = spec.training.initial_learning_rate;
+        dna
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_keys_round_trip() {
+        let entry = ProgressEntry {
+            worker: "trainer-abc-0".into(),
+            trained: 12,
+            flops: 3.5e12,
+            seconds: 81.25,
+            best: Some(AliveEntry {
+                id: IndividualId::parse("18c-00ff").unwrap(),
+                fitness: 0.4375,
+            }),
+        };
+        let back = ProgressEntry::parse(&entry.key()).unwrap();
+        assert_eq!(back, entry);
+        assert!(ProgressEntry::parse("progress/../x@1@2@3@0@none").is_none());
+    }
+}

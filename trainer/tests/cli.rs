@@ -1,0 +1,105 @@
+//! The binary as a user meets it: a local run end to end, and bad input.
+
+use std::process::Command;
+
+use trainer::data::{fixture, DatasetKind};
+
+fn trainer() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn local_run_trains_reports_exports_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fixture::write(&data, DatasetKind::Cifar10, 30, 1).unwrap();
+    let store = dir.path().join("store");
+    let out = dir.path().join("out");
+    let manifest = dir.path().join("run.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: cambrian.dev/v1alpha1\nkind: EvolutionExperiment\nmetadata:\n  name: smoke\nspec:\n  population: 4\n  workers: 2\n  training:\n    steps: 20\n    batchSize: 10\n    momentum: 0.9\n    weightDecay: 0.0001\n    initialLearningRate: 0.02\n  store:\n    url: file://{}\n  stop:\n    individualsTrained: 12\n",
+            store.display()
+        ),
+    )
+    .unwrap();
+    let output = trainer()
+        .arg("run")
+        .arg(&manifest)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("individuals trained"), "{stdout}");
+    assert!(stdout.contains("test "), "no test accuracy in:\n{stdout}");
+    for file in [
+        "progress.svg",
+        "best/dna.json",
+        "best/weights.safetensors",
+        "best/individual.json",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let svg = std::fs::read_to_string(out.join("progress.svg")).unwrap();
+    assert!(svg.contains("<circle"), "no individuals drawn");
+    let dna = trainer::dna::Dna::load(&out.join("best/dna.json")).unwrap();
+    dna.validate().unwrap();
+
+    // `report` reads the same store afterwards and finds the recorded test accuracy.
+    let output = trainer()
+        .arg("report")
+        .arg(format!("file://{}", store.display()))
+        .arg("--out")
+        .arg(dir.path().join("again"))
+        .output()
+        .unwrap();
+    let again = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{again}");
+    assert!(again.contains("best"), "{again}");
+}
+
+#[test]
+fn bad_manifest_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("bad.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: cambrian.dev/v1alpha1\nkind: EvolutionExperiment\nmetadata:\n  name: bad\nspec:\n  population: 10\n  workers: 20\n  store:\n    url: file:///tmp/x\n",
+    )
+    .unwrap();
+    let output = trainer().arg("run").arg(&manifest).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("spec.workers") && stderr.contains("bad.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn missing_data_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let dna = dir.path().join("dna.json");
+    std::fs::write(&dna, trainer::dna::Dna::initial().to_json()).unwrap();
+    let output = trainer()
+        .arg("train")
+        .arg(&dna)
+        .arg("--data")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("data_batch_1.bin") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+}
