@@ -3,7 +3,8 @@
 //!
 //! - [`s3s::S3Server`]: `s3s-fs` in process. It checks conditional writes and then writes,
 //!   without a lock, so on its own it is not atomic under concurrent create-only PUTs; the
-//!   wrapper serialises every request but GET and HEAD, and injects 409/503 faults on demand.
+//!   wrapper serialises the writes to each key (every request but GET, HEAD and LIST), and
+//!   injects 409/503 faults on demand.
 //! - [`moto::Moto`]: moto's standalone server (PyPI `moto[server]`) in a virtual environment
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
 

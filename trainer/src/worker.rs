@@ -173,7 +173,8 @@ pub struct WorkerSettings {
     pub name: String,
     /// Seeds this worker's choices; children get seeds drawn from it.
     pub seed: u64,
-    /// How often the running totals are written to the store.
+    /// How often the running totals are written to the store (two requests each time): often
+    /// enough for the status, rarely enough not to double a reproduction's request count.
     pub progress_interval: Duration,
     /// How long to wait when there are fewer than two alive individuals to compete.
     pub idle_wait: Duration,
@@ -184,7 +185,7 @@ impl WorkerSettings {
         Self {
             name,
             seed,
-            progress_interval: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(30),
             idle_wait: Duration::from_millis(500),
         }
     }
@@ -371,8 +372,16 @@ impl Worker<'_> {
             .await
     }
 
+    /// Reads an individual's record and, if wanted, its weights (both at once).
     async fn read(&self, entry: &AliveEntry, with_weights: bool) -> Read {
-        let record = match self.population.individual(&entry.id).await {
+        let (record, weights) = tokio::join!(self.population.individual(&entry.id), async {
+            if with_weights {
+                Some(self.population.weights(&entry.id).await)
+            } else {
+                None
+            }
+        });
+        let record = match record {
             Ok(Some(r)) => r,
             Ok(None) => return Read::Gone,
             Err(e @ StoreError::Corrupt { .. }) => {
@@ -384,14 +393,15 @@ impl Worker<'_> {
                 return Read::Gone;
             }
         };
-        if !with_weights {
+        let Some(weights) = weights else {
             return Read::Ok(Box::new(record), None);
-        }
-        match self.population.weights(&entry.id).await {
+        };
+        match weights {
             // Weights are deleted at the kill: their absence means the parent just died.
             Ok(None) => Read::Gone,
             Ok(Some(bytes)) => {
-                if Weights::from_safetensors(&bytes, &Device::Cpu).is_err() {
+                // A header check only (no copy): the trainer decodes the tensors later.
+                if safetensors::SafeTensors::deserialize(&bytes).is_err() {
                     tracing::warn!(id = %entry.id, "skipping an individual with corrupt weights");
                     return Read::Corrupt;
                 }

@@ -145,10 +145,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let suffix = super::random_suffix();
     let mut workers = Vec::new();
     for index in 0..spec.workers() {
-        let settings = WorkerSettings::new(
-            format!("local-{index}-{suffix}"),
-            super::worker_seed(spec.seed, u64::from(index)),
-        );
+        // A local store is cheap to write, and the progress bar reads these totals.
+        let settings = WorkerSettings {
+            progress_interval: Duration::from_secs(2),
+            ..WorkerSettings::new(
+                format!("local-{index}-{suffix}"),
+                super::worker_seed(spec.seed, u64::from(index)),
+            )
+        };
         let population = population.clone();
         let record = record.clone();
         let trainer = trainer.clone();

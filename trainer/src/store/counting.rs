@@ -16,8 +16,10 @@ pub struct CountingStore<S> {
     put_news: AtomicU64,
     deletes: AtomicU64,
     lists: AtomicU64,
+    weights: AtomicU64,
 }
 
+/// Requests by kind; `weights` counts, separately, those on weight files (any kind).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestCounts {
     pub gets: u64,
@@ -25,12 +27,29 @@ pub struct RequestCounts {
     pub put_news: u64,
     pub deletes: u64,
     pub lists: u64,
+    pub weights: u64,
 }
 
 impl RequestCounts {
+    /// Every request, weights included.
     pub fn total(&self) -> u64 {
         self.gets + self.puts + self.put_news + self.deletes + self.lists
     }
+
+    pub fn minus(&self, earlier: &RequestCounts) -> RequestCounts {
+        RequestCounts {
+            gets: self.gets - earlier.gets,
+            puts: self.puts - earlier.puts,
+            put_news: self.put_news - earlier.put_news,
+            deletes: self.deletes - earlier.deletes,
+            lists: self.lists - earlier.lists,
+            weights: self.weights - earlier.weights,
+        }
+    }
+}
+
+fn is_weights(key: &str) -> bool {
+    key.ends_with(".safetensors")
 }
 
 impl<S> CountingStore<S> {
@@ -42,6 +61,14 @@ impl<S> CountingStore<S> {
             put_news: AtomicU64::new(0),
             deletes: AtomicU64::new(0),
             lists: AtomicU64::new(0),
+            weights: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self, counter: &AtomicU64, key: &str) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        if is_weights(key) {
+            self.weights.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -52,6 +79,7 @@ impl<S> CountingStore<S> {
             put_news: self.put_news.load(Ordering::Relaxed),
             deletes: self.deletes.load(Ordering::Relaxed),
             lists: self.lists.load(Ordering::Relaxed),
+            weights: self.weights.load(Ordering::Relaxed),
         }
     }
 }
@@ -62,23 +90,23 @@ impl<S: ObjectStore> ObjectStore for CountingStore<S> {
         self.inner.url()
     }
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.gets.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.gets, key);
         self.inner.get(key).await
     }
     async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        self.puts.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.puts, key);
         self.inner.put(key, body).await
     }
     async fn put_new(&self, key: &str, body: Bytes) -> Result<bool, StoreError> {
-        self.put_news.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.put_news, key);
         self.inner.put_new(key, body).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.deletes.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.deletes, key);
         self.inner.delete(key).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.lists.fetch_add(1, Ordering::Relaxed);
+        self.count(&self.lists, prefix);
         self.inner.list(prefix).await
     }
 }

@@ -134,33 +134,33 @@ impl ObjectStore for FileStore {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         check_prefix(prefix)?;
-        let mut keys = Vec::new();
-        let mut pending = vec![prefix.trim_end_matches('/').to_string()];
-        while let Some(dir) = pending.pop() {
-            let mut entries = match tokio::fs::read_dir(self.root.join(&dir)).await {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.error("list", prefix, e)),
-            };
-            while let Some(entry) = entries
-                .next_entry()
-                .await
-                .map_err(|e| self.error("list", prefix, e))?
-            {
-                let name = entry.file_name().to_string_lossy().to_string();
-                let key = format!("{dir}/{name}");
-                let file_type = entry
-                    .file_type()
-                    .await
-                    .map_err(|e| self.error("list", prefix, e))?;
-                if file_type.is_dir() {
-                    pending.push(key);
-                } else {
-                    keys.push(key);
+        // One blocking walk: a thousand small asynchronous calls would cost more than the walk.
+        let root = self.root.clone();
+        let start = prefix.trim_end_matches('/').to_string();
+        let walk = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut keys = Vec::new();
+            let mut pending = vec![start];
+            while let Some(dir) = pending.pop() {
+                let entries = match std::fs::read_dir(root.join(&dir)) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                for entry in entries {
+                    let entry = entry?;
+                    let key = format!("{dir}/{}", entry.file_name().to_string_lossy());
+                    if entry.file_type()?.is_dir() {
+                        pending.push(key);
+                    } else {
+                        keys.push(key);
+                    }
                 }
             }
-        }
-        keys.sort();
-        Ok(keys)
+            keys.sort();
+            Ok(keys)
+        });
+        walk.await
+            .map_err(|e| self.error("list", prefix, std::io::Error::other(e)))?
+            .map_err(|e| self.error("list", prefix, e))
     }
 }

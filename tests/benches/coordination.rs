@@ -1,0 +1,210 @@
+//! Coordination cost of evolution, without training: requests per reproduction and
+//! reproductions per second, with a population of 1,000 on the local S3 server (s3s-fs behind
+//! its atomicity lock) and, for comparison, on the file store.
+//!
+//!     cargo bench -p cambrian-tests --bench coordination [-- WORKERS SECONDS]
+//!
+//! Children "train" instantly (a random fitness and 1 KiB of weights), so everything measured
+//! is store traffic and worker bookkeeping.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cambrian_tests::s3_store;
+use cambrian_tests::s3s::S3Server;
+use trainer::dna::Dna;
+use trainer::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
+use trainer::store::{CountingStore, FileStore, ObjectStore, Population};
+use trainer::worker::{
+    self, ChildJob, ChildTrainer, StopFlag, TrainedChild, WorkerError, WorkerSettings,
+};
+
+const POPULATION: u32 = 1000;
+
+struct Instant_;
+
+impl ChildTrainer for Instant_ {
+    fn train_child(&self, job: ChildJob, _stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
+        Ok(TrainedChild {
+            outcome: outcome(rand::random::<f64>() * 0.9, &job.dna),
+            weights: tiny_weights(),
+            inherited_tensors: 0,
+            fresh_tensors: 0,
+            interrupted: false,
+        })
+    }
+}
+
+/// 1 KiB of valid safetensors, so that the workers' checks of parent weights pass.
+fn tiny_weights() -> Bytes {
+    let mut weights = trainer::weights::Weights::default();
+    let tensor =
+        candle_core::Tensor::zeros(256, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    weights.insert("w".into(), tensor);
+    Bytes::from(weights.to_safetensors().unwrap())
+}
+
+fn outcome(fitness: f64, dna: &Dna) -> Outcome {
+    Outcome {
+        validation_accuracy: fitness,
+        validation_correct: 0,
+        validation_total: 5000,
+        steps: 0,
+        diverged: false,
+        first_loss: None,
+        last_loss: None,
+        flops: 0.0,
+        parameters: 0,
+        convolutions: dna.convolution_count(),
+        training_seconds: 0.0,
+        evaluation_seconds: 0.0,
+        overhead_seconds: 0.0,
+    }
+}
+
+async fn fill(population: &Population) {
+    let mut tasks = Vec::new();
+    for chunk in 0..20u32 {
+        let population = population.clone();
+        tasks.push(tokio::spawn(async move {
+            for slot in (chunk * POPULATION / 20)..((chunk + 1) * POPULATION / 20) {
+                population.claim_slot(slot, "setup").await.unwrap();
+                let dna = Dna::initial();
+                let individual = Individual {
+                    format_version: FORMAT_VERSION,
+                    id: IndividualId::new(),
+                    outcome: outcome(rand::random::<f64>() * 0.5, &dna),
+                    dna,
+                    lineage: Lineage {
+                        parent: None,
+                        slot: Some(slot),
+                        mutations: vec![],
+                        seed: 0,
+                        worker: "setup".into(),
+                        inherited_tensors: 0,
+                        fresh_tensors: 0,
+                    },
+                    started_at_ms: now_ms(),
+                    born_at_ms: now_ms(),
+                };
+                population.add(&individual, tiny_weights()).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn measure<S: ObjectStore + 'static>(
+    name: &str,
+    store: Arc<CountingStore<S>>,
+    workers: u32,
+    seconds: u64,
+) {
+    let population = Population::new(store.clone());
+    let spec: crds::EvolutionExperimentSpec = serde_json::from_value(serde_json::json!({
+        "population": POPULATION,
+        "store": { "url": "file:///bench" },
+    }))
+    .unwrap();
+    let record = population
+        .start_experiment("coordination", &spec)
+        .await
+        .unwrap();
+    fill(&population).await;
+    // Single-client latency of each kind of request, for the record.
+    let t = Instant::now();
+    for _ in 0..20 {
+        population.alive().await.unwrap();
+    }
+    let list_ms = t.elapsed().as_secs_f64() * 1e3 / 20.0;
+    let t = Instant::now();
+    for i in 0..20 {
+        store
+            .put(&format!("probe/{i}"), Bytes::from(vec![0u8; 2048]))
+            .await
+            .unwrap();
+    }
+    let put_ms = t.elapsed().as_secs_f64() * 1e3 / 20.0;
+    let t = Instant::now();
+    for i in 0..20 {
+        store.get(&format!("probe/{i}")).await.unwrap();
+    }
+    let get_ms = t.elapsed().as_secs_f64() * 1e3 / 20.0;
+    println!("{name:<22} one client: LIST of {POPULATION} alive keys {list_ms:.2} ms, PUT 2 KiB {put_ms:.2} ms, GET {get_ms:.2} ms");
+    let before = store.counts();
+    let stop = Arc::new(StopFlag::default());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let (population, record, stop) = (population.clone(), record.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let settings = WorkerSettings::new(format!("bench-{i}"), u64::from(i));
+            worker::run(settings, &population, &record, Arc::new(Instant_), stop)
+                .await
+                .unwrap()
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.stop("benchmark over");
+    let mut births = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        let report = t.await.unwrap();
+        births += report.trained;
+        conflicts += report.conflicts;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let counts = store.counts().minus(&before);
+    let per = |n: u64| n as f64 / births.max(1) as f64;
+    let alive = population.alive().await.unwrap().len();
+    println!(
+        "{name:<22} {workers:>3} workers: {:>7.1} reproductions/s ({births} in {elapsed:.1} s, {conflicts} given up), \
+         {:.2} requests per reproduction besides weights (all requests: LIST {:.2}, GET {:.2}, PUT {:.2}, PUT-if-absent {:.2}, DELETE {:.2}; of these on weights {:.2}), alive {alive}",
+        births as f64 / elapsed,
+        per(counts.total() - counts.weights),
+        per(counts.lists),
+        per(counts.gets),
+        per(counts.puts),
+        per(counts.put_news),
+        per(counts.deletes),
+        per(counts.weights),
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let workers: u32 = args.first().and_then(|a| a.parse().ok()).unwrap_or(32);
+    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = S3Server::start().await;
+        let s3 = s3_store(&server.endpoint, "coordination", "bench").await;
+        let s3 = Arc::try_unwrap(s3).unwrap_or_else(|_| unreachable!());
+        measure(
+            "s3 (s3s-fs, locked)",
+            Arc::new(CountingStore::new(s3)),
+            workers,
+            seconds,
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let files = FileStore::open(dir.path()).await.unwrap();
+        measure(
+            "file",
+            Arc::new(CountingStore::new(files)),
+            workers,
+            seconds,
+        )
+        .await;
+    });
+}
