@@ -31,6 +31,9 @@ use crate::status::EvolutionExperimentStatus;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.workers) || self.workers <= self.population", "message": "spec.workers must be at most spec.population"},
+]))]
 pub struct EvolutionExperimentSpec {
     /// Individuals alive at any time (the paper's P).
     #[serde(default = "default_population")]
@@ -81,6 +84,11 @@ impl EvolutionExperimentSpec {
 /// How each individual is trained (§3.4).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.momentum >= 0.0 && self.momentum < 1.0", "message": "momentum must be in [0, 1)"},
+    {"rule": "self.weightDecay >= 0.0", "message": "weightDecay must not be negative"},
+    {"rule": "self.initialLearningRate > 0.0", "message": "initialLearningRate must be positive"},
+]))]
 pub struct TrainingSpec {
     /// Training steps per individual (the paper's T).
     #[schemars(range(min = 1))]
@@ -144,6 +152,9 @@ pub struct DataSpec {
 /// Where the population lives: the only state workers share (§3.1).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.url.startsWith('s3://') || self.url.startsWith('file:///')", "message": "store.url must be s3://bucket/prefix or file:///path"},
+]))]
 pub struct StoreSpec {
     /// `s3://bucket/prefix` or `file:///path`; the experiment's objects live under it.
     pub url: String,
@@ -174,6 +185,9 @@ pub enum Retention {
 /// When the experiment ends; the first condition met ends it. None set: it runs until stopped.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.targetValidationAccuracy) || (self.targetValidationAccuracy > 0.0 && self.targetValidationAccuracy <= 1.0)", "message": "targetValidationAccuracy must be in (0, 1]"},
+]))]
 pub struct StopSpec {
     /// Individuals trained, the initial population included.
     #[serde(default, skip_serializing_if = "Option::is_none")]

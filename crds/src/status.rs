@@ -44,6 +44,8 @@ pub struct EvolutionExperimentStatus {
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
+    /// The spec does not validate; nothing runs until it is fixed.
+    Invalid,
     Pending,
     Running,
     Suspended,

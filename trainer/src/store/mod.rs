@@ -64,9 +64,18 @@ pub trait ObjectStore: Send + Sync + Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 }
 
-/// Opens the store a spec names. S3 credentials come from `credentials` when given (the
-/// operator passes the Secret's keys through the environment), else from the usual chain.
+/// Opens the store a spec names, with S3 credentials from the usual chain (environment,
+/// profile, web identity, instance metadata).
 pub async fn open(store: &crds::StoreSpec) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    open_with_credentials(store, None).await
+}
+
+/// Opens the store a spec names with explicit S3 credentials (access key, secret), as the
+/// operator does with the experiment's Secret.
+pub async fn open_with_credentials(
+    store: &crds::StoreSpec,
+    credentials: Option<(String, String)>,
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
     match crds::parse_store_url(&store.url).map_err(|reason| StoreError::InvalidKey {
         key: store.url.clone(),
         reason,
@@ -79,7 +88,7 @@ pub async fn open(store: &crds::StoreSpec) -> Result<Arc<dyn ObjectStore>, Store
                 endpoint: store.endpoint.clone(),
                 region: store.region.clone(),
                 path_style: store.path_style,
-                credentials: None,
+                credentials,
             })
             .await?,
         )),

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use super::{ObjectStore, StoreError};
@@ -498,6 +499,34 @@ impl Population {
                 .map(Some)
                 .map_err(|e| self.corrupt(&key, e)),
         }
+    }
+
+    /// Removes every object of the experiment (retention policy Delete). Objects written while
+    /// this runs may survive it; stop the workers first.
+    pub async fn delete_everything(&self) -> Result<usize, StoreError> {
+        let mut keys = vec![EXPERIMENT.to_string()];
+        for prefix in [
+            ALIVE,
+            DEAD,
+            SLOTS,
+            PROGRESS,
+            "control/",
+            EVALUATION,
+            INDIVIDUALS,
+        ] {
+            keys.extend(self.store.list(prefix).await?);
+        }
+        let count = keys.len();
+        let store = self.store.clone();
+        let mut deletions = futures::stream::iter(keys.into_iter().map(|key| {
+            let store = store.clone();
+            async move { store.delete(&key).await }
+        }))
+        .buffer_unordered(16);
+        while let Some(result) = futures::StreamExt::next(&mut deletions).await {
+            result?;
+        }
+        Ok(count)
     }
 
     /// The initial individual's DNA for this experiment.

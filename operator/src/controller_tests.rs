@@ -1,0 +1,562 @@
+//! Reconciler scenarios against the scripted API server and a real store.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crds::{EvolutionExperiment, EvolutionExperimentStatus, Phase, Retention};
+use kube::Resource;
+use serde_json::{json, Value};
+use trainer::dna::Dna;
+use trainer::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
+use trainer::store::{FileStore, Population, ProgressEntry, TestResult};
+
+use super::reconcile;
+use crate::fixtures::*;
+use crate::jobs;
+
+struct World {
+    _dir: tempfile::TempDir,
+    exp: EvolutionExperiment,
+    population: Population,
+}
+
+async fn world(name: &str) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exp = finalized(experiment(name));
+    exp.spec.store.url = format!("file://{}", dir.path().display());
+    exp.spec.population = 8;
+    exp.spec.workers = Some(4);
+    let population = Population::new(Arc::new(FileStore::open(dir.path()).await.unwrap()));
+    World {
+        _dir: dir,
+        exp,
+        population,
+    }
+}
+
+fn individual(fitness: f64, convolutions: usize) -> Individual {
+    Individual {
+        format_version: FORMAT_VERSION,
+        id: IndividualId::new(),
+        dna: Dna::initial(),
+        lineage: Lineage {
+            parent: None,
+            slot: None,
+            mutations: vec![],
+            seed: 0,
+            worker: "w".into(),
+            inherited_tensors: 0,
+            fresh_tensors: 0,
+        },
+        outcome: Outcome {
+            validation_accuracy: fitness,
+            validation_correct: 0,
+            validation_total: 100,
+            steps: 1,
+            diverged: false,
+            first_loss: None,
+            last_loss: None,
+            flops: 1e9,
+            parameters: 30730,
+            convolutions,
+            training_seconds: 1.0,
+            evaluation_seconds: 0.0,
+            overhead_seconds: 0.0,
+        },
+        started_at_ms: now_ms(),
+        born_at_ms: now_ms(),
+    }
+}
+
+/// The status the reconciler patched, from the requests the mock saw.
+fn patched_status(seen: &[Seen]) -> EvolutionExperimentStatus {
+    let patch = seen
+        .iter()
+        .rev()
+        .find(|s| s.path.ends_with("/status"))
+        .expect("a status patch");
+    assert!(
+        patch.query.contains("fieldManager=cambrian-operator"),
+        "server-side apply"
+    );
+    serde_json::from_value(patch.body["status"].clone()).expect("status")
+}
+
+fn events(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.method == "POST" && s.path == events_path())
+        .map(|s| s.body["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn active_job(name: &str, active: i32) -> Value {
+    job_with_status(name, json!({ "active": active }))
+}
+
+fn complete_job(name: &str) -> Value {
+    job_with_status(
+        name,
+        json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] }),
+    )
+}
+
+fn status_reply(exp: &EvolutionExperiment) -> Reply {
+    Reply::WithStatus(serde_json::to_value(exp).unwrap())
+}
+
+async fn run(exp: &EvolutionExperiment, script: Vec<Step>) -> Vec<Seen> {
+    let (ctx, server) = context();
+    let mock = server.run(script);
+    reconcile(Arc::new(exp.clone()), ctx)
+        .await
+        .expect("reconcile");
+    tokio::time::timeout(std::time::Duration::from_secs(5), mock)
+        .await
+        .expect("mock finished")
+        .expect("mock ok")
+}
+
+#[tokio::test]
+async fn a_new_experiment_gets_a_finalizer_first() {
+    let w = world("fresh").await;
+    let mut exp = w.exp.clone();
+    exp.meta_mut().finalizers = None;
+    let seen = run(
+        &exp,
+        vec![step(
+            "PATCH",
+            experiment_path("fresh"),
+            Reply::Json(200, serde_json::to_value(&w.exp).unwrap()),
+        )],
+    )
+    .await;
+    assert!(seen[0].body.to_string().contains(crate::FINALIZER));
+}
+
+#[tokio::test]
+async fn creation_starts_the_workers_job_and_reports_pending() {
+    let w = world("create").await;
+    let exp = w.exp.clone();
+    let workers = jobs::workers_name(&w.exp);
+    let seen = run(
+        &w.exp,
+        vec![
+            step("GET", job_path(&workers), Reply::NotFound),
+            step("PATCH", job_path(&workers), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("create")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    let job = &seen[1].body;
+    assert_eq!(job["spec"]["parallelism"], 4);
+    assert_eq!(job["spec"]["suspend"], false);
+    assert_eq!(job["metadata"]["ownerReferences"][0]["name"], "create");
+    assert_eq!(events(&seen), vec!["WorkersCreated"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert_eq!(status.workers, Some(4));
+    assert!(status.start_time.is_some());
+    // The operator recorded the experiment in the store.
+    assert!(w.population.experiment().await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn status_comes_from_the_store() {
+    let w = world("running").await;
+    w.population
+        .start_experiment("running", &w.exp.spec)
+        .await
+        .unwrap();
+    let best = individual(0.61, 3);
+    w.population
+        .add(&individual(0.4, 0), Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    w.population
+        .add(&best, Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    let entry = ProgressEntry {
+        worker: "w1".into(),
+        trained: 17,
+        flops: 2e12,
+        seconds: 90.0,
+        best: None,
+    };
+    w.population.record_progress(&entry, None).await.unwrap();
+    let exp = w.exp.clone();
+    let workers = jobs::workers_name(&w.exp);
+    let seen = run(
+        &w.exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 4)),
+            ),
+            step("PATCH", job_path(&workers), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("running")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["NewBest"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!((status.population, status.trained), (Some(2), Some(17)));
+    let b = status.best.unwrap();
+    assert_eq!(
+        (b.id, b.convolutions, b.parameters),
+        (best.id.to_string(), 3, 30730)
+    );
+    assert!((b.validation_accuracy - 0.61).abs() < 1e-9);
+    assert_eq!(status.total_flops, Some(2e12));
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_runs_nothing() {
+    let w = world("invalid").await;
+    let mut exp = w.exp.clone();
+    exp.spec.workers = Some(100);
+    let seen = run(
+        &exp,
+        vec![
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("invalid")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["InvalidSpec"]);
+    assert!(seen[0].body["note"]
+        .as_str()
+        .unwrap()
+        .contains("spec.workers"));
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Invalid));
+    let valid = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Valid")
+        .unwrap();
+    assert_eq!(
+        (valid.status.as_str(), valid.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+
+    // Reconciling it again says nothing new: no second event.
+    exp.status = Some(status);
+    let seen = run(
+        &exp,
+        vec![step(
+            "PATCH",
+            format!("{}/status", experiment_path("invalid")),
+            status_reply(&exp),
+        )],
+    )
+    .await;
+    assert!(events(&seen).is_empty());
+}
+
+#[tokio::test]
+async fn suspend_suspends_the_job_and_resume_unsuspends_it() {
+    let w = world("pause").await;
+    let workers = jobs::workers_name(&w.exp);
+    let mut exp = w.exp.clone();
+    exp.spec.suspend = true;
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 0)),
+            ),
+            step("PATCH", job_path(&workers), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("pause")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].body["spec"]["suspend"], true);
+    assert_eq!(patched_status(&seen).phase, Some(Phase::Suspended));
+
+    exp.spec.suspend = false;
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 0)),
+            ),
+            step("PATCH", job_path(&workers), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("pause")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].body["spec"]["suspend"], false);
+}
+
+#[tokio::test]
+async fn stop_then_evaluation_then_succeeded() {
+    let w = world("finish").await;
+    let mut exp = w.exp.clone();
+    exp.spec.stop.individuals_trained = Some(10);
+    w.population
+        .start_experiment("finish", &exp.spec)
+        .await
+        .unwrap();
+    let best = individual(0.7, 2);
+    w.population
+        .add(&best, Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    let entry = ProgressEntry {
+        worker: "w1".into(),
+        trained: 10,
+        ..ProgressEntry::default()
+    };
+    w.population.record_progress(&entry, None).await.unwrap();
+    let workers = jobs::workers_name(&exp);
+    let evaluation = jobs::evaluation_name(&exp);
+    let status_path = format!("{}/status", experiment_path("finish"));
+
+    // 1. The stop condition is met: the operator writes the stop marker; workers still run.
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 3)),
+            ),
+            step("POST", events_path(), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step("PATCH", status_path.clone(), status_reply(&exp)),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["NewBest", "Stopping"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Stopping));
+    assert_eq!(
+        status.stop_reason.as_deref(),
+        Some("10 individuals trained")
+    );
+    assert!(w.population.stop_marker().await.unwrap().is_some());
+
+    // 2. The workers have exited: the evaluation Job starts.
+    exp.status = Some(status);
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, complete_job(&workers)),
+            ),
+            step("GET", job_path(&evaluation), Reply::NotFound),
+            step("PATCH", job_path(&evaluation), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step("PATCH", status_path.clone(), status_reply(&exp)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        seen[2].body["spec"]["template"]["spec"]["containers"][0]["args"][0],
+        "evaluate"
+    );
+    assert_eq!(events(&seen), vec!["EvaluationStarted"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Evaluating));
+
+    // 3. The evaluation recorded its result and succeeded.
+    w.population
+        .record_test_result(&TestResult {
+            id: best.id.clone(),
+            test_accuracy: 0.69,
+            correct: 69,
+            total: 100,
+            at_ms: now_ms(),
+        })
+        .await
+        .unwrap();
+    exp.status = Some(status);
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, complete_job(&workers)),
+            ),
+            step(
+                "GET",
+                job_path(&evaluation),
+                Reply::Json(200, complete_job(&evaluation)),
+            ),
+            step("POST", events_path(), Reply::Echo),
+            step("PATCH", status_path, status_reply(&exp)),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["Succeeded"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    assert_eq!(status.best.unwrap().test_accuracy, Some(0.69));
+    assert!(status.completion_time.is_some());
+}
+
+#[tokio::test]
+async fn a_second_reconcile_of_the_same_world_changes_nothing() {
+    let w = world("again").await;
+    w.population
+        .start_experiment("again", &w.exp.spec)
+        .await
+        .unwrap();
+    w.population
+        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    let workers = jobs::workers_name(&w.exp);
+    let exp = w.exp.clone();
+    let script = |events: usize| {
+        let mut s = vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 4)),
+            ),
+            step("PATCH", job_path(&workers), Reply::Echo),
+        ];
+        for _ in 0..events {
+            s.push(step("POST", events_path(), Reply::Echo));
+        }
+        s.push(step(
+            "PATCH",
+            format!("{}/status", experiment_path("again")),
+            status_reply(&exp),
+        ));
+        s
+    };
+    let first = run(&w.exp, script(1)).await;
+    // As if the operator restarted: a new context, the object with the status it wrote.
+    let mut again = w.exp.clone();
+    again.status = Some(patched_status(&first));
+    let second = run(&again, script(0)).await;
+    assert_eq!(first[1].body, second[1].body, "the same Job");
+    assert_eq!(
+        patched_status(&first),
+        patched_status(&second),
+        "the same status"
+    );
+    assert!(events(&second).is_empty());
+}
+
+fn deleting(mut exp: EvolutionExperiment, retention: Retention) -> EvolutionExperiment {
+    exp.spec.store.retention = retention;
+    exp.meta_mut().deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    exp
+}
+
+#[tokio::test]
+async fn deletion_with_retain_keeps_the_population() {
+    let w = world("keep").await;
+    w.population
+        .start_experiment("keep", &w.exp.spec)
+        .await
+        .unwrap();
+    w.population
+        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    let exp = deleting(w.exp.clone(), Retention::Retain);
+    let seen = run(
+        &exp,
+        vec![
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                experiment_path("keep"),
+                Reply::Json(200, serde_json::to_value(&exp).unwrap()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["Retained"]);
+    assert!(
+        seen[1].body.to_string().contains("finalizers"),
+        "finalizer removed"
+    );
+    assert_eq!(w.population.alive().await.unwrap().len(), 1);
+    assert!(
+        w.population.stop_marker().await.unwrap().is_some(),
+        "workers told to stop"
+    );
+}
+
+#[tokio::test]
+async fn deletion_with_delete_stops_workers_and_empties_the_store() {
+    let w = world("wipe").await;
+    w.population
+        .start_experiment("wipe", &w.exp.spec)
+        .await
+        .unwrap();
+    w.population
+        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
+        .await
+        .unwrap();
+    let exp = deleting(w.exp.clone(), Retention::Delete);
+    let workers = jobs::workers_name(&exp);
+    let evaluation = jobs::evaluation_name(&exp);
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "DELETE",
+                job_path(&workers),
+                Reply::Json(200, active_job(&workers, 0)),
+            ),
+            step("DELETE", job_path(&evaluation), Reply::NotFound),
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                experiment_path("wipe"),
+                Reply::Json(200, serde_json::to_value(&exp).unwrap()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["Deleted"]);
+    assert_eq!(seen[0].body["propagationPolicy"], "Foreground");
+    let store = w.population.store();
+    for prefix in ["alive/", "individuals/", "control/", "slots/"] {
+        assert!(
+            store.list(prefix).await.unwrap().is_empty(),
+            "{prefix} left behind"
+        );
+    }
+    assert!(store.get("experiment.json").await.unwrap().is_none());
+}

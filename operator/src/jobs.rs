@@ -1,0 +1,340 @@
+//! The Jobs an experiment runs: the long-lived workers (`parallelism` = workers, each pod runs
+//! `trainer worker` until the store's stop marker) and the one-off final evaluation.
+
+use std::collections::BTreeMap;
+
+use crds::EvolutionExperiment;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext,
+    PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+/// Operator-wide settings for the Jobs it makes.
+#[derive(Clone, Debug)]
+pub struct JobSettings {
+    /// Trainer image when the experiment names none.
+    pub trainer_image: String,
+    /// Failed worker pods a Job tolerates before it gives up; the operator then starts a new
+    /// one, so this only bounds how often that happens.
+    pub worker_backoff_limit: i32,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        Self {
+            trainer_image: "ghcr.io/cambrian-dev/trainer:latest".into(),
+            worker_backoff_limit: 100,
+        }
+    }
+}
+
+const CACHE: &str = "/var/cache/cambrian";
+const UID: i64 = 65532;
+
+/// A DNS-label-safe name `<experiment>-<suffix>`, shortened with a hash when too long.
+pub fn job_name(experiment: &str, suffix: &str) -> String {
+    let full = format!("{experiment}-{suffix}");
+    if full.len() <= 52 {
+        return full;
+    }
+    let hash = experiment.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    format!("{}-{:06x}-{suffix}", &experiment[..30], hash & 0xff_ffff)
+}
+
+pub fn workers_name(exp: &EvolutionExperiment) -> String {
+    job_name(&exp.name_any(), "workers")
+}
+
+pub fn evaluation_name(exp: &EvolutionExperiment) -> String {
+    job_name(&exp.name_any(), "evaluation")
+}
+
+fn labels(exp: &EvolutionExperiment, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "cambrian-trainer".into()),
+        ("app.kubernetes.io/component".into(), component.into()),
+        ("app.kubernetes.io/managed-by".into(), crate::MANAGER.into()),
+        ("cambrian.dev/experiment".into(), exp.name_any()),
+    ])
+}
+
+/// The environment every trainer pod gets: the experiment itself (spec only, never
+/// credentials), and the store's credentials by reference to the Secret.
+fn environment(exp: &EvolutionExperiment) -> Vec<EnvVar> {
+    let experiment = serde_json::json!({
+        "apiVersion": crds::manifest::API_VERSION,
+        "kind": crds::manifest::KIND,
+        "metadata": { "name": exp.name_any() },
+        "spec": exp.spec,
+    });
+    let mut env = vec![
+        EnvVar {
+            name: "CAMBRIAN_EXPERIMENT".into(),
+            value: Some(experiment.to_string()),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "CAMBRIAN_CACHE".into(),
+            value: Some(CACHE.into()),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "CAMBRIAN_DEVICE".into(),
+            value: Some(
+                exp.spec
+                    .worker
+                    .device
+                    .clone()
+                    .unwrap_or_else(|| "auto".into()),
+            ),
+            ..EnvVar::default()
+        },
+    ];
+    if let Some(secret) = &exp.spec.store.credentials_secret {
+        for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+            env.push(EnvVar {
+                name: key.into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.clone(),
+                        key: key.into(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+    }
+    env
+}
+
+fn pod(
+    exp: &EvolutionExperiment,
+    settings: &JobSettings,
+    args: Vec<String>,
+    component: &str,
+) -> PodTemplateSpec {
+    let worker = &exp.spec.worker;
+    let container = Container {
+        name: "trainer".into(),
+        image: Some(
+            worker
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.trainer_image.clone()),
+        ),
+        command: Some(vec!["trainer".into()]),
+        args: Some(args),
+        env: Some(environment(exp)),
+        resources: worker.resources.clone(),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "cache".into(),
+                mount_path: CACHE.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(exp, component)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".into()),
+            node_selector: worker.node_selector.clone(),
+            tolerations: worker.tolerations.clone(),
+            automount_service_account_token: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(UID),
+                run_as_group: Some(UID),
+                fs_group: Some(UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            volumes: Some(vec![
+                Volume {
+                    name: "cache".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+fn job(exp: &EvolutionExperiment, name: String, component: &str, spec: JobSpec) -> Job {
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: exp.namespace(),
+            labels: Some(labels(exp, component)),
+            owner_references: exp.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The workers: `parallelism` pods, no completion count (a pod exits 0 only once the
+/// experiment has stopped, and the Job is done when its pods are), suspended with the
+/// experiment.
+pub fn workers(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
+    let parallelism = exp.spec.workers() as i32;
+    job(
+        exp,
+        workers_name(exp),
+        "workers",
+        JobSpec {
+            parallelism: Some(parallelism),
+            completions: None,
+            backoff_limit: Some(settings.worker_backoff_limit.max(parallelism)),
+            suspend: Some(exp.spec.suspend),
+            template: pod(exp, settings, vec!["worker".into()], "workers"),
+            ..JobSpec::default()
+        },
+    )
+}
+
+/// The final evaluation: test accuracy of the best individual by validation, recorded in the
+/// store for the operator to read.
+pub fn evaluation(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
+    let mut template = pod(exp, settings, vec!["evaluate".into()], "evaluation");
+    if let Some(spec) = template.spec.as_mut() {
+        spec.restart_policy = Some("Never".into());
+    }
+    job(
+        exp,
+        evaluation_name(exp),
+        "evaluation",
+        JobSpec {
+            parallelism: Some(1),
+            completions: Some(1),
+            backoff_limit: Some(3),
+            template,
+            ..JobSpec::default()
+        },
+    )
+}
+
+/// What a Job's status says, in the terms the reconciler needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobState {
+    pub exists: bool,
+    pub active: i32,
+    pub succeeded: bool,
+    pub failed: bool,
+    pub failed_pods: i32,
+}
+
+impl JobState {
+    pub fn of(job: Option<&Job>) -> Self {
+        let Some(job) = job else {
+            return Self::default();
+        };
+        let status = job.status.clone().unwrap_or_default();
+        let condition = |kind: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == kind && c.status == "True")
+        };
+        Self {
+            exists: true,
+            active: status.active.unwrap_or(0),
+            succeeded: condition("Complete"),
+            failed: condition("Failed"),
+            failed_pods: status.failed.unwrap_or(0),
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.succeeded || self.failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::experiment;
+
+    #[test]
+    fn worker_job_runs_locked_down_workers() {
+        let mut exp = experiment("paper");
+        exp.spec.store.credentials_secret = Some("s3-creds".into());
+        let job = workers(&exp, &JobSettings::default());
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.parallelism, Some(250));
+        assert_eq!(spec.completions, None);
+        assert_eq!(
+            job.metadata.owner_references.as_ref().unwrap()[0].kind,
+            "EvolutionExperiment"
+        );
+        let pod = spec.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["worker".to_string()][..]));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let env = c.env.as_ref().unwrap();
+        let secret_refs: Vec<_> = env
+            .iter()
+            .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+            .map(|s| s.name.clone())
+            .collect();
+        assert_eq!(secret_refs, vec!["s3-creds", "s3-creds"]);
+        // The experiment travels as JSON that the worker parses back.
+        let json = env
+            .iter()
+            .find(|e| e.name == "CAMBRIAN_EXPERIMENT")
+            .unwrap();
+        let back: crds::EvolutionExperiment =
+            serde_json::from_str(json.value.as_ref().unwrap()).unwrap();
+        assert_eq!(back.spec, exp.spec);
+    }
+
+    #[test]
+    fn long_names_stay_valid() {
+        let name = job_name(&"x".repeat(63), "evaluation");
+        assert!(name.len() <= 52, "{name}");
+        assert!(name.ends_with("-evaluation"));
+    }
+}

@@ -1,0 +1,130 @@
+//! The operator binary: wires the Kubernetes client, leader election, the HTTP endpoints and
+//! the controller together.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use kube::api::{Api, ListParams};
+use kube::Client;
+use operator::controller::{self, Context};
+use operator::jobs::JobSettings;
+use operator::metrics::Metrics;
+use operator::server::{self, Health};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "operator",
+    version,
+    about = "Kubernetes operator for EvolutionExperiments"
+)]
+struct Args {
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "CAMBRIAN_HTTP_ADDRESS", default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// Trainer image for experiments that name none.
+    #[arg(
+        long,
+        env = "CAMBRIAN_TRAINER_IMAGE",
+        default_value = "ghcr.io/cambrian-dev/trainer:latest"
+    )]
+    trainer_image: String,
+    /// Elect a leader through a Lease, so that only one of several replicas reconciles.
+    #[arg(long, env = "CAMBRIAN_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME", default_value = "cambrian-operator")]
+    identity: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "CAMBRIAN_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    let experiments = Api::<crds::EvolutionExperiment>::all(client.clone());
+    experiments
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("cannot list EvolutionExperiments: is the CRD installed? (helm install, or `cargo run -p operator --bin crdgen | kubectl apply -f -`)")?;
+
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+    let health = Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let http = args.http;
+    tokio::spawn(async move {
+        if let Err(e) = server::serve(http, health).await {
+            tracing::error!(error = %e, address = %http, "HTTP server failed");
+            std::process::exit(1);
+        }
+    });
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        JobSettings {
+            trainer_image: args.trainer_image,
+            ..JobSettings::default()
+        },
+    ));
+
+    if !args.leader_election {
+        ready.store(true, Ordering::Relaxed);
+        controller::run(ctx).await;
+        return Ok(());
+    }
+
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, "cambrian-operator")
+        .with_namespace(&args.namespace)
+        .with_identity(&args.identity)
+        .with_field_manager(operator::MANAGER)
+        .build()
+        .await
+        .context("leader election")?;
+    let (mut leader, _task) = manager.watch().await;
+    // A standby replica is ready: it serves metrics and health, and takes over when needed.
+    ready.store(true, Ordering::Relaxed);
+    while !*leader.borrow_and_update() {
+        tracing::info!(identity = %args.identity, "waiting to lead");
+        leader.changed().await.context("leader election ended")?;
+    }
+    tracing::info!(identity = %args.identity, "leading");
+    tokio::select! {
+        () = controller::run(ctx) => Ok(()),
+        lost = async {
+            loop {
+                if leader.changed().await.is_err() || !*leader.borrow() {
+                    break;
+                }
+            }
+        } => {
+            let () = lost;
+            // Another replica leads now; exit so that two never reconcile at once.
+            tracing::error!("lost the leader lease; exiting");
+            std::process::exit(1)
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! From what the reconciler observes (the spec, the store, the Jobs) to the status it writes.
+//! A pure function: level-triggered, so the same world always gives the same status, and
+//! re-reconciling changes nothing.
+
+use crds::{BestIndividual, EvolutionExperimentSpec, EvolutionExperimentStatus, Phase, SpecError};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use trainer::individual::Individual;
+use trainer::store::{StopMarker, Summary, TestResult};
+
+use crate::jobs::JobState;
+
+/// What the store says about the experiment.
+#[derive(Clone, Debug, Default)]
+pub struct StoreView {
+    pub summary: Summary,
+    /// When the experiment started (its `experiment.json`), if workers have started it.
+    pub started_at_ms: Option<u64>,
+    pub stop: Option<StopMarker>,
+    /// The record of the best individual by validation accuracy.
+    pub best: Option<Individual>,
+    /// The test accuracy measured for it, once the evaluation has run.
+    pub test: Option<TestResult>,
+}
+
+/// Everything one reconcile observed.
+#[derive(Clone, Debug, Default)]
+pub struct Observation {
+    pub generation: Option<i64>,
+    pub spec_error: Option<SpecError>,
+    /// The store's view, or why it could not be read (never with credentials in it).
+    pub store: Option<Result<StoreView, String>>,
+    pub workers: JobState,
+    pub evaluation: JobState,
+}
+
+pub fn time_of_ms(ms: u64) -> Option<Time> {
+    Timestamp::from_millisecond(ms as i64).ok().map(Time)
+}
+
+fn condition(
+    previous: &EvolutionExperimentStatus,
+    generation: Option<i64>,
+    now: &Time,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    // The transition time moves only when the status does.
+    let last_transition_time = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+pub fn phase(spec: &EvolutionExperimentSpec, obs: &Observation) -> Phase {
+    if obs.spec_error.is_some() {
+        return Phase::Invalid;
+    }
+    let view = obs.store.as_ref().and_then(|s| s.as_ref().ok());
+    if let Some(view) = view.filter(|v| v.stop.is_some()) {
+        if obs.evaluation.succeeded && view.test.is_some() {
+            return Phase::Succeeded;
+        }
+        if obs.evaluation.failed {
+            return Phase::Failed;
+        }
+        if obs.workers.active > 0 {
+            return Phase::Stopping;
+        }
+        return Phase::Evaluating;
+    }
+    if spec.suspend {
+        return Phase::Suspended;
+    }
+    if obs.workers.active > 0 {
+        Phase::Running
+    } else {
+        Phase::Pending
+    }
+}
+
+/// The status for what was observed; `previous` only keeps transition and completion times.
+pub fn compute(
+    spec: &EvolutionExperimentSpec,
+    previous: &EvolutionExperimentStatus,
+    obs: &Observation,
+    now: &Time,
+) -> EvolutionExperimentStatus {
+    let phase = phase(spec, obs);
+    let cond = |type_: &str, status: bool, reason: &str, message: String| {
+        condition(
+            previous,
+            obs.generation,
+            now,
+            type_,
+            status,
+            reason,
+            message,
+        )
+    };
+    let mut conditions = Vec::new();
+    if let Some(e) = &obs.spec_error {
+        conditions.push(cond("Valid", false, "InvalidSpec", e.to_string()));
+        return EvolutionExperimentStatus {
+            phase: Some(phase),
+            observed_generation: obs.generation,
+            conditions,
+            ..previous.clone()
+        };
+    }
+    conditions.push(cond("Valid", true, "ValidSpec", "the spec is valid".into()));
+    let (progressing, reason, message) = match phase {
+        Phase::Running => (
+            true,
+            "WorkersRunning",
+            format!("{} workers running", obs.workers.active),
+        ),
+        Phase::Pending => (true, "WorkersStarting", "waiting for worker pods".into()),
+        Phase::Suspended => (false, "Suspended", "spec.suspend is set".into()),
+        Phase::Stopping | Phase::Evaluating => (
+            true,
+            "Stopping",
+            "workers finish, then the best individual is evaluated".into(),
+        ),
+        Phase::Succeeded => (false, "Completed", "the experiment is complete".into()),
+        Phase::Failed => (
+            false,
+            "EvaluationFailed",
+            "the evaluation Job failed".into(),
+        ),
+        Phase::Invalid => (false, "InvalidSpec", String::new()),
+    };
+    conditions.push(cond("Progressing", progressing, reason, message));
+    let store_error = obs.store.as_ref().and_then(|s| s.as_ref().err());
+    let degraded = match store_error {
+        Some(e) => cond("Degraded", true, "StoreUnavailable", e.clone()),
+        None if obs.workers.failed_pods > 0 && !phase_done(phase) => cond(
+            "Degraded",
+            true,
+            "WorkerFailures",
+            format!(
+                "{} worker pods failed; the Job replaces them",
+                obs.workers.failed_pods
+            ),
+        ),
+        None => cond(
+            "Degraded",
+            false,
+            "Healthy",
+            "workers and store are healthy".into(),
+        ),
+    };
+    conditions.push(degraded);
+    conditions.push(cond(
+        "Complete",
+        phase == Phase::Succeeded,
+        if phase == Phase::Succeeded {
+            "Evaluated"
+        } else {
+            "NotComplete"
+        },
+        if phase == Phase::Succeeded {
+            "the best individual was measured on the test set".into()
+        } else {
+            String::new()
+        },
+    ));
+
+    let view = obs.store.as_ref().and_then(|s| s.as_ref().ok());
+    let mut status = EvolutionExperimentStatus {
+        phase: Some(phase),
+        observed_generation: obs.generation,
+        conditions,
+        workers: Some(spec.workers()),
+        failed_workers: Some(obs.workers.failed_pods.max(0) as u32)
+            .map(|f| f.max(previous.failed_workers.unwrap_or(0))),
+        start_time: previous.start_time.clone(),
+        completion_time: previous.completion_time.clone(),
+        ..EvolutionExperimentStatus::default()
+    };
+    match view {
+        Some(view) => {
+            status.population = Some(view.summary.alive as u32);
+            status.trained = Some(view.summary.trained);
+            status.total_flops = Some(view.summary.flops);
+            status.worker_seconds = Some(view.summary.worker_seconds);
+            status.stop_reason = view.stop.as_ref().map(|s| s.reason.clone());
+            status.start_time = view
+                .started_at_ms
+                .and_then(time_of_ms)
+                .or(status.start_time);
+            status.best = view.best.as_ref().map(|b| BestIndividual {
+                id: b.id.to_string(),
+                validation_accuracy: b.fitness(),
+                test_accuracy: view
+                    .test
+                    .as_ref()
+                    .filter(|t| t.id == b.id)
+                    .map(|t| t.test_accuracy),
+                parameters: b.outcome.parameters as u64,
+                convolutions: b.outcome.convolutions as u32,
+            });
+        }
+        // The store could not be read: keep what was last known.
+        None => {
+            status.population = previous.population;
+            status.trained = previous.trained;
+            status.total_flops = previous.total_flops;
+            status.worker_seconds = previous.worker_seconds;
+            status.stop_reason = previous.stop_reason.clone();
+            status.best = previous.best.clone();
+        }
+    }
+    if phase == Phase::Succeeded && status.completion_time.is_none() {
+        status.completion_time = Some(now.clone());
+    }
+    status
+}
+
+fn phase_done(phase: Phase) -> bool {
+    matches!(phase, Phase::Succeeded | Phase::Failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::experiment;
+
+    fn now() -> Time {
+        time_of_ms(1_800_000_000_000).unwrap()
+    }
+
+    #[test]
+    fn same_world_same_status() {
+        let exp = experiment("x");
+        let obs = Observation {
+            generation: Some(3),
+            store: Some(Ok(StoreView::default())),
+            workers: JobState {
+                exists: true,
+                active: 4,
+                ..JobState::default()
+            },
+            ..Observation::default()
+        };
+        let first = compute(&exp.spec, &Default::default(), &obs, &now());
+        let later = time_of_ms(1_800_000_060_000).unwrap();
+        let second = compute(&exp.spec, &first, &obs, &later);
+        assert_eq!(first, second);
+        assert_eq!(first.phase, Some(Phase::Running));
+    }
+
+    #[test]
+    fn stop_then_evaluation_then_success() {
+        let exp = experiment("x");
+        let mut view = StoreView {
+            stop: Some(StopMarker {
+                reason: "wall time".into(),
+                at_ms: 0,
+            }),
+            ..StoreView::default()
+        };
+        let mut obs = Observation {
+            store: Some(Ok(view.clone())),
+            workers: JobState {
+                exists: true,
+                active: 2,
+                ..JobState::default()
+            },
+            ..Observation::default()
+        };
+        assert_eq!(phase(&exp.spec, &obs), Phase::Stopping);
+        obs.workers.active = 0;
+        assert_eq!(phase(&exp.spec, &obs), Phase::Evaluating);
+        obs.evaluation.succeeded = true;
+        view.test = Some(TestResult {
+            id: trainer::individual::IndividualId::parse("a").unwrap(),
+            test_accuracy: 0.5,
+            correct: 1,
+            total: 2,
+            at_ms: 0,
+        });
+        obs.store = Some(Ok(view));
+        let status = compute(&exp.spec, &Default::default(), &obs, &now());
+        assert_eq!(status.phase, Some(Phase::Succeeded));
+        assert!(status.completion_time.is_some());
+        assert_eq!(status.stop_reason.as_deref(), Some("wall time"));
+    }
+
+    #[test]
+    fn store_outage_keeps_the_last_known_counts() {
+        let exp = experiment("x");
+        let previous = EvolutionExperimentStatus {
+            trained: Some(42),
+            population: Some(10),
+            ..Default::default()
+        };
+        let obs = Observation {
+            store: Some(Err("connection refused".into())),
+            ..Observation::default()
+        };
+        let status = compute(&exp.spec, &previous, &obs, &now());
+        assert_eq!(status.trained, Some(42));
+        let degraded = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "StoreUnavailable")
+        );
+    }
+}
