@@ -116,7 +116,10 @@ async fn population(
 /// Reads what the status needs from the store: two LISTs (`alive/`, `progress/`) and a few
 /// GETs (experiment, stop marker, best record, its test result). Stop conditions met are
 /// turned into the stop marker here.
-async fn observe_store(exp: &EvolutionExperiment, population: &Population) -> Result<StoreView> {
+pub async fn observe_store(
+    exp: &EvolutionExperiment,
+    population: &Population,
+) -> Result<StoreView> {
     let record = population
         .start_experiment(&exp.name_any(), &exp.spec)
         .await?;

@@ -560,3 +560,75 @@ async fn deletion_with_delete_stops_workers_and_empties_the_store() {
     }
     assert!(store.get("experiment.json").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
+    let w = world("flaky").await;
+    let exp = w.exp.clone();
+    let workers = jobs::workers_name(&exp);
+    // Two pods failed, the Job carries on: Degraded, one warning.
+    let seen = run(
+        &exp,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(
+                    200,
+                    job_with_status(&workers, json!({ "active": 4, "failed": 2 })),
+                ),
+            ),
+            step("PATCH", job_path(&workers), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step(
+                "PATCH",
+                format!("{}/status", experiment_path("flaky")),
+                status_reply(&exp),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["WorkerFailed"]);
+    let status = patched_status(&seen);
+    assert_eq!(status.failed_workers, Some(2));
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "WorkerFailures")
+    );
+    assert_eq!(status.phase, Some(Phase::Running));
+
+    // The Job hit its backoff limit; the population is fine: the Job is replaced, not the
+    // experiment ended.
+    let mut failed = exp.clone();
+    failed.status = Some(status);
+    let seen = run(
+        &failed,
+        vec![
+            step(
+                "GET",
+                job_path(&workers),
+                Reply::Json(
+                    200,
+                    job_with_status(
+                        &workers,
+                        json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True" }] }),
+                    ),
+                ),
+            ),
+            step("DELETE", job_path(&workers), Reply::Json(200, active_job(&workers, 0))),
+            step("POST", events_path(), Reply::Echo),
+            step("POST", events_path(), Reply::Echo),
+            step("PATCH", format!("{}/status", experiment_path("flaky")), status_reply(&failed)),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), vec!["WorkersRestarted", "WorkerFailed"]);
+    let status = patched_status(&seen);
+    assert_ne!(status.phase, Some(Phase::Failed));
+    assert_eq!(status.failed_workers, Some(100));
+}

@@ -9,6 +9,7 @@
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
 
 pub mod moto;
+pub mod population;
 pub mod s3s;
 
 use std::sync::Arc;

@@ -135,10 +135,20 @@ struct ReportArgs {
 
 #[derive(Args)]
 struct EvaluateArgs {
-    #[command(flatten)]
-    store: StoreArgs,
+    /// s3://bucket/prefix or file:///path; default: the store of CAMBRIAN_EXPERIMENT.
+    store: Option<String>,
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
+    #[arg(long)]
+    path_style: bool,
+    /// The experiment in JSON, as the operator passes it to its evaluation Job.
+    #[arg(long, env = "CAMBRIAN_EXPERIMENT", hide_env_values = true)]
+    experiment: Option<String>,
+    /// CIFAR folder; default: the experiment's data source, fetched into the cache.
     #[arg(long, env = "CAMBRIAN_DATA")]
-    data: PathBuf,
+    data: Option<PathBuf>,
     #[arg(long, env = "CAMBRIAN_DEVICE", default_value = "auto")]
     device: String,
 }
@@ -261,8 +271,34 @@ fn main() -> Result<()> {
             .await
         }),
         Commands::Evaluate(args) => runtime()?.block_on(async {
-            let population = args.store.open().await?;
-            cli::report::evaluate(&population, args.data, cli::device(&args.device)?).await
+            let experiment: Option<crds::EvolutionExperiment> = args
+                .experiment
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .context("CAMBRIAN_EXPERIMENT is not an EvolutionExperiment in JSON")?;
+            let (population, data) = match (&args.store, &experiment) {
+                (Some(url), _) => {
+                    let store = StoreArgs {
+                        store: url.clone(),
+                        endpoint: args.endpoint.clone(),
+                        region: args.region.clone(),
+                        path_style: args.path_style,
+                    };
+                    let Some(data) = args.data.clone() else {
+                        bail!("--data is needed with an explicit store URL");
+                    };
+                    (store.open().await?, data)
+                }
+                (None, Some(experiment)) => {
+                    crds::validate(&experiment.spec)?;
+                    let store = trainer::store::open(&experiment.spec.store).await?;
+                    let data = cli::run::data_folder(&experiment.spec, args.data.clone()).await?;
+                    (trainer::store::Population::new(store), data)
+                }
+                (None, None) => bail!("name a store URL or set CAMBRIAN_EXPERIMENT"),
+            };
+            cli::report::evaluate(&population, data, cli::device(&args.device)?).await
         }),
         Commands::Train(args) => train_command(args),
         Commands::Mutate(args) => mutate_command(args),

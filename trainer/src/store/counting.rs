@@ -72,6 +72,10 @@ impl<S> CountingStore<S> {
         }
     }
 
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
     pub fn counts(&self) -> RequestCounts {
         RequestCounts {
             gets: self.gets.load(Ordering::Relaxed),
