@@ -79,6 +79,16 @@ impl EvolutionExperimentSpec {
     pub fn workers(&self) -> u32 {
         self.workers.unwrap_or((self.population / 4).max(1))
     }
+
+    /// Worker loops in each pod.
+    pub fn workers_per_pod(&self) -> u32 {
+        self.worker.workers_per_pod.unwrap_or(1).max(1)
+    }
+
+    /// Pods the workers Job runs: enough for every worker.
+    pub fn worker_pods(&self) -> u32 {
+        self.workers().div_ceil(self.workers_per_pod())
+    }
 }
 
 /// How each individual is trained (§3.4).
@@ -245,6 +255,11 @@ pub struct WorkerSpec {
     /// `auto` (CUDA when present), `cpu` or `cuda:N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Worker loops per pod, sharing the pod's device: the paper's early individuals are tiny
+    /// and one of them cannot keep a GPU busy. The Job runs workers / workersPerPod pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub workers_per_pod: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -237,6 +237,9 @@ pub fn validate(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
             );
         }
     }
+    if spec.worker.workers_per_pod == Some(0) {
+        return bad("spec.worker.workersPerPod", "must be at least 1");
+    }
     if let Some(device) = &spec.worker.device {
         let ok = device == "auto"
             || device == "cpu"

@@ -7,9 +7,10 @@ use crds::EvolutionExperiment;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext,
-    PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
@@ -21,6 +22,9 @@ pub struct JobSettings {
     /// Failed worker pods a Job tolerates before it gives up; the operator then starts a new
     /// one, so this only bounds how often that happens.
     pub worker_backoff_limit: i32,
+    /// GPUs (`nvidia.com/gpu`) each trainer pod asks for when its experiment sets no
+    /// resources; 0 for none.
+    pub default_gpus: u32,
 }
 
 impl Default for JobSettings {
@@ -28,6 +32,7 @@ impl Default for JobSettings {
         Self {
             trainer_image: "ghcr.io/cambrian-dev/trainer:latest".into(),
             worker_backoff_limit: 100,
+            default_gpus: 0,
         }
     }
 }
@@ -95,6 +100,11 @@ fn environment(exp: &EvolutionExperiment) -> Vec<EnvVar> {
             ),
             ..EnvVar::default()
         },
+        EnvVar {
+            name: "CAMBRIAN_WORKER_LOOPS".into(),
+            value: Some(exp.spec.workers_per_pod().to_string()),
+            ..EnvVar::default()
+        },
     ];
     if let Some(secret) = &exp.spec.store.credentials_secret {
         for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
@@ -115,6 +125,21 @@ fn environment(exp: &EvolutionExperiment) -> Vec<EnvVar> {
     env
 }
 
+/// One GPU (or the operator's default count) when the experiment asks for nothing.
+fn default_resources(settings: &JobSettings) -> Option<ResourceRequirements> {
+    (settings.default_gpus > 0).then(|| {
+        let gpus = BTreeMap::from([(
+            "nvidia.com/gpu".to_string(),
+            Quantity(settings.default_gpus.to_string()),
+        )]);
+        ResourceRequirements {
+            limits: Some(gpus.clone()),
+            requests: Some(gpus),
+            ..ResourceRequirements::default()
+        }
+    })
+}
+
 fn pod(
     exp: &EvolutionExperiment,
     settings: &JobSettings,
@@ -133,7 +158,10 @@ fn pod(
         command: Some(vec!["trainer".into()]),
         args: Some(args),
         env: Some(environment(exp)),
-        resources: worker.resources.clone(),
+        resources: worker
+            .resources
+            .clone()
+            .or_else(|| default_resources(settings)),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(UID),
@@ -212,11 +240,11 @@ fn job(exp: &EvolutionExperiment, name: String, component: &str, spec: JobSpec) 
     }
 }
 
-/// The workers: `parallelism` pods, no completion count (a pod exits 0 only once the
+/// The workers: one pod per `workersPerPod` workers, no completion count (a pod exits 0 only once the
 /// experiment has stopped, and the Job is done when its pods are), suspended with the
 /// experiment.
 pub fn workers(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
-    let parallelism = exp.spec.workers() as i32;
+    let parallelism = exp.spec.worker_pods() as i32;
     job(
         exp,
         workers_name(exp),
@@ -329,6 +357,31 @@ mod tests {
         let back: crds::EvolutionExperiment =
             serde_json::from_str(json.value.as_ref().unwrap()).unwrap();
         assert_eq!(back.spec, exp.spec);
+    }
+
+    #[test]
+    fn several_workers_per_pod_and_a_default_gpu() {
+        let mut exp = experiment("shared");
+        exp.spec.workers = Some(10);
+        exp.spec.worker.workers_per_pod = Some(4);
+        let settings = JobSettings {
+            default_gpus: 1,
+            ..JobSettings::default()
+        };
+        let job = workers(&exp, &settings);
+        let spec = job.spec.unwrap();
+        assert_eq!(spec.parallelism, Some(3));
+        let c = &spec.template.spec.unwrap().containers[0];
+        let loops = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "CAMBRIAN_WORKER_LOOPS")
+            .unwrap();
+        assert_eq!(loops.value.as_deref(), Some("4"));
+        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "1");
     }
 
     #[test]

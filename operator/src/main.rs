@@ -32,6 +32,9 @@ struct Args {
         default_value = "ghcr.io/cambrian-dev/trainer:latest"
     )]
     trainer_image: String,
+    /// GPUs each trainer pod asks for when its experiment sets no resources.
+    #[arg(long, env = "CAMBRIAN_DEFAULT_GPUS", default_value_t = 0)]
+    default_gpus: u32,
     /// Elect a leader through a Lease, so that only one of several replicas reconciles.
     #[arg(long, env = "CAMBRIAN_LEADER_ELECTION", default_value_t = false)]
     leader_election: bool,
@@ -87,6 +90,7 @@ async fn main() -> Result<()> {
         metrics,
         JobSettings {
             trainer_image: args.trainer_image,
+            default_gpus: args.default_gpus,
             ..JobSettings::default()
         },
     ));

@@ -5,7 +5,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -66,8 +65,9 @@ struct RunArgs {
     /// Where the report goes (default: cambrian-output/<name>).
     #[arg(long)]
     out: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda, cuda:N or auto; default: the manifest's spec.worker.device, else auto.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -188,6 +188,9 @@ struct TrainArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -227,6 +230,12 @@ struct BenchArgs {
     /// Run bench/torch_reference.py with this Python and print the ratios.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Extra arguments for the reference script (e.g. "--tf32").
+    #[arg(long, allow_hyphen_values = true)]
+    torch_args: Vec<String>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -313,7 +322,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = cli::device(&args.device)?;
     let dna = Dna::load(&args.dna)?;
     let split = Split::load(&args.data, args.dataset, args.split_seed, args.validation)
         .context("loading the training data")?;
@@ -439,7 +448,7 @@ fn mutate_command(args: MutateArgs) -> Result<()> {
 }
 
 fn bench_command(args: BenchArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = cli::device(&args.device)?;
     let mut dnas = Vec::new();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&args.dnas)
         .with_context(|| format!("reading the reference DNA folder {}", args.dnas.display()))?

@@ -22,7 +22,7 @@ pub struct RunOptions {
     pub store: Option<String>,
     pub workers: Option<u32>,
     pub out: Option<PathBuf>,
-    pub device: String,
+    pub device: Option<String>,
 }
 
 pub fn kind_of(dataset: crds::Dataset) -> DatasetKind {
@@ -93,7 +93,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| "experiment".into());
-    let device = super::device(&options.device)?;
+    let device_name = options
+        .device
+        .clone()
+        .or_else(|| spec.worker.device.clone())
+        .unwrap_or_else(|| "auto".into());
+    let device = super::device(&device_name)?;
 
     let data_dir = data_folder(&spec, options.data).await?;
     let split = load_split(&spec, data_dir.clone()).await?;
@@ -193,7 +198,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         ReportTarget {
             out,
             data: Some(data_dir),
-            device: super::device(&options.device)?,
+            device: super::device(&device_name)?,
         },
     )
     .await

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 5 and 6, as one script for the lent GPU machine (device tool).
+# Prepare here:
+#   scripts/build-cuda.sh                                   # .gpu/trainer, .gpu/env.sh
+#   scripts/cifar-subset.sh "$(../shared/data/get-cifar10)" .gpu/cifar 1000 2000
+# then run with the device tool: command "scripts/gpu-check.sh", carry [".gpu"].
+# Results go to $OUT (or /tmp/gpu-check): the tables, JSON, nvidia-smi samples and logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
+. .gpu/env.sh
+py=${CAMBRIAN_PYTHON:-python3}
+t=.gpu/trainer
+log() { echo "== $(date +%T) $*" | tee -a "$out/steps.log"; }
+
+log "device"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+$py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >> "$out/nvidia-smi.txt" 2>&1
+
+# 1. Candle against PyTorch eager on the same GPU: the three reference DNAs, batch 50 and 256,
+#    float32 (and PyTorch with TF32 for reference), with per-operation times.
+for b in 50 256; do
+  log "bench batch $b"
+  timeout 240 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
+    > "$out/bench-b$b.txt" 2> "$out/bench-b$b.log"
+  timeout 120 $t bench --device cuda --batch $b --steps 30 --warmup 5 --torch "$py" --torch-args=--tf32 \
+    > "$out/bench-b$b-torch-tf32.txt" 2>> "$out/bench-b$b.log"
+done
+
+# 2. GPU utilisation with one and with four worker loops on one device (small, early models).
+cat > "$out/util.yaml" <<YAML
+apiVersion: cambrian.dev/v1alpha1
+kind: EvolutionExperiment
+metadata:
+  name: gpu-utilisation
+spec:
+  population: 16
+  workers: 4
+  training:
+    steps: 256
+    batchSize: 50
+    momentum: 0.9
+    weightDecay: 0.0001
+    initialLearningRate: 0.05
+  store:
+    url: file:///tmp/gpu-util
+  stop:
+    wallTime: 60s
+YAML
+for loops in 1 4; do
+  log "utilisation with $loops loops"
+  rm -rf /tmp/gpu-util
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
+    > "$out/util-$loops.csv" 2>/dev/null &
+  smi=$!
+  timeout 150 $t worker --manifest "$out/util.yaml" --data .gpu/cifar --device cuda --loops $loops \
+    > "$out/util-$loops.log" 2>&1
+  kill $smi 2>/dev/null
+  awk -F, '{s+=$1; n++} END {if (n) printf "loops=%d mean GPU utilisation %.1f%% over %d samples\n", '"$loops"', s/n, n}' \
+    "$out/util-$loops.csv" | tee -a "$out/utilisation.txt"
+  grep -c "individual born" "$out/util-$loops.log" | sed "s/^/loops=$loops individuals born in 60 s: /" | tee -a "$out/utilisation.txt"
+done
+
+# 3. A short real evolution on the CIFAR-10 subset: validation accuracy over time.
+cat > "$out/evolve.yaml" <<YAML
+apiVersion: cambrian.dev/v1alpha1
+kind: EvolutionExperiment
+metadata:
+  name: gpu-evolution
+spec:
+  population: 20
+  workers: 4
+  training:
+    steps: 512
+    batchSize: 50
+    momentum: 0.9
+    weightDecay: 0.0001
+    initialLearningRate: 0.05
+  data:
+    validationImages: 500
+  store:
+    url: file:///tmp/gpu-evolution
+  stop:
+    wallTime: 150s
+YAML
+log "evolution"
+rm -rf /tmp/gpu-evolution
+timeout 240 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
+  > "$out/evolution.txt" 2> "$out/evolution.log"
+log "done"
