@@ -12,7 +12,7 @@ use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
 use crate::dna::{Dna, Shape3};
-use crate::layers::{BatchNorm2d, Conv2d};
+use crate::layers::{BatchNormRelu, Conv2d};
 use crate::model::{Model, ModelError, ModelSpec};
 use crate::optim::{Sgd, SgdConfig};
 use crate::seed::{rng, Stream};
@@ -204,7 +204,7 @@ pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>
         )?);
     }
     for (channels, side) in [(64, 32), (128, 16), (256, 8)] {
-        let bn = BatchNorm2d::new(&mut params, &format!("bn{channels}"), channels)?;
+        let bn = BatchNormRelu::new(&mut params, &format!("bn{channels}"), channels)?;
         let x = input(shape(channels, side))?;
         out.push(time_op(
             format!("batch norm train [{b},{channels},{side},{side}]"),

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use rand::Rng;
 
 use crate::dna::{Activation, Dna, DnaError, EdgeKind, Shape3};
-use crate::layers::{BatchNorm2d, Conv2d, Linear, Resize};
+use crate::layers::{BatchNormRelu, Conv2d, Linear, Resize};
 use crate::mutation::Child;
 use crate::weights::{Inheritance, ModelVars, Parameters, Weights, WeightsError};
 
@@ -45,7 +45,7 @@ struct VertexOp {
     from: usize,
     edge: EdgeOp,
     skips: Vec<(usize, Resize)>,
-    batch_norm: Option<BatchNorm2d>,
+    batch_norm: Option<BatchNormRelu>,
 }
 
 pub struct Model {
@@ -91,7 +91,7 @@ impl Model {
             }
             let batch_norm = match vertex.activation {
                 Activation::Linear => None,
-                Activation::BatchNormRelu => Some(BatchNorm2d::new(
+                Activation::BatchNormRelu => Some(BatchNormRelu::new(
                     &mut params,
                     &format!("vertex{}", vertex.id),
                     shapes[index].channels,
@@ -146,7 +146,7 @@ impl Model {
                 v = (v + resize.forward(&values[*source])?)?;
             }
             if let Some(bn) = &op.batch_norm {
-                v = bn.forward_t(&v, train)?.relu()?;
+                v = bn.forward_t(&v, train)?;
             }
             values.push(v);
         }

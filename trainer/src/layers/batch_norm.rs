@@ -1,23 +1,26 @@
-//! Batch normalisation over the channels of `[batch, channels, height, width]` activations,
-//! with PyTorch's conventions (momentum 0.1 for the running averages, unbiased running
-//! variance, eps 1e-5) so that the PyTorch reference model computes the same function.
+//! Batch normalisation followed by ReLU, what a BN+ReLU vertex applies (§3.2), over the
+//! channels of `[batch, channels, height, width]` activations, with PyTorch's conventions
+//! (momentum 0.1 for the running averages, unbiased running variance, eps 1e-5) so that the
+//! PyTorch reference model computes the same function. On the CPU it runs as one fused kernel
+//! (`layers::cpu::batch_norm`); elsewhere as Candle's composed operations.
 
 use candle_core::{Result, Tensor, Var};
 
+use super::cpu::batch_norm::{BatchNormReluEval, BatchNormReluTrain};
 use crate::weights::{Init, Parameters, WeightsError};
 
 const MOMENTUM: f64 = 0.1;
 const EPS: f64 = 1e-5;
 
 #[derive(Clone, Debug)]
-pub struct BatchNorm2d {
+pub struct BatchNormRelu {
     gamma: Var,
     beta: Var,
     running_mean: Var,
     running_var: Var,
 }
 
-impl BatchNorm2d {
+impl BatchNormRelu {
     /// `prefix.gamma`, `prefix.beta` (trained) and `prefix.running_mean`, `prefix.running_var`.
     pub fn new<R: rand::Rng>(
         params: &mut Parameters<'_, R>,
@@ -41,6 +44,51 @@ impl BatchNorm2d {
     /// Training mode normalises with the batch's statistics and updates the running averages;
     /// evaluation mode uses the running averages only.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            self.forward_cpu(x, train)
+        } else {
+            self.forward_composed(x, train)?.relu()
+        }
+    }
+
+    fn forward_cpu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if !train {
+            let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
+            let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+            return x.apply_op3_no_bwd(&scale, &shift, &BatchNormReluEval);
+        }
+        let op = BatchNormReluTrain::new(EPS);
+        let stats = op.stats();
+        let y = x.apply_op3(self.gamma.as_tensor(), self.beta.as_tensor(), op)?;
+        let Some(stats) = stats.get() else {
+            candle_core::bail!("batch norm: the forward pass left no statistics");
+        };
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let device = x.device();
+        let mean = Tensor::from_vec(stats.mean, self.gamma.dim(0)?, device)?;
+        let var = Tensor::from_vec(stats.var, self.gamma.dim(0)?, device)?;
+        self.update_running(&mean, &var, unbiased)?;
+        Ok(y)
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, unbiased: f64) -> Result<()> {
+        self.running_mean
+            .set(&((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?)?;
+        self.running_var.set(
+            &((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (var * (MOMENTUM * unbiased))?)?,
+        )
+    }
+
+    /// Batch norm (without the ReLU) from Candle's tensor operations: the path for devices
+    /// without a fused kernel, and the reference the fused kernel is tested against.
+    pub fn forward_composed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
         if !train {
             let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
@@ -80,24 +128,52 @@ impl BatchNorm2d {
 mod tests {
     use super::*;
     use crate::seed::{rng, Stream};
-    use candle_core::Device;
+    use candle_core::{Device, Var, D};
+
+    /// Two identical layers with non-trivial affine parameters, so that their gradients are
+    /// tested too.
+    fn layers(channels: usize, seed: u64) -> (BatchNormRelu, BatchNormRelu) {
+        let gamma = Tensor::randn(1f32, 0.3, channels, &Device::Cpu).unwrap();
+        let beta = Tensor::randn(0f32, 0.3, channels, &Device::Cpu).unwrap();
+        let make = || {
+            let mut r = rng(seed, Stream::Initialisation);
+            let mut p = Parameters::new(None, &mut r, &Device::Cpu);
+            let bn = BatchNormRelu::new(&mut p, "bn", channels).unwrap();
+            bn.gamma.set(&gamma).unwrap();
+            bn.beta.set(&beta).unwrap();
+            bn
+        };
+        (make(), make())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
 
     #[test]
-    fn normalises_per_channel_and_tracks_statistics() {
-        let mut r = rng(0, Stream::Initialisation);
-        let mut p = Parameters::new(None, &mut r, &Device::Cpu);
-        let bn = BatchNorm2d::new(&mut p, "bn", 2).unwrap();
+    fn composed_normalises_per_channel_and_tracks_statistics() {
+        let (bn, _) = layers(2, 0);
+        bn.gamma
+            .set(&Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        bn.beta
+            .set(&Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         // Channel 0 holds 0..8, channel 1 holds 10 * (0..8); batch 2, 2x2 maps.
         let c0: Vec<f32> = (0..8).map(|v| v as f32).collect();
-        let data: Vec<f32> = [
-            &c0[0..4],
-            &c0[0..4].iter().map(|v| v * 10.).collect::<Vec<_>>()[..],
-            &c0[4..8],
-            &c0[4..8].iter().map(|v| v * 10.).collect::<Vec<_>>()[..],
-        ]
-        .concat();
+        let c1: Vec<f32> = c0.iter().map(|v| v * 10.).collect();
+        let data = [&c0[0..4], &c1[0..4], &c0[4..8], &c1[4..8]].concat();
         let x = Tensor::from_vec(data, (2, 2, 2, 2), &Device::Cpu).unwrap();
-        let y = bn.forward_t(&x, true).unwrap();
+        let y = bn.forward_composed(&x, true).unwrap();
         let mean: Vec<f32> = y
             .mean_keepdim((0, 2, 3))
             .unwrap()
@@ -124,5 +200,68 @@ mod tests {
         // Running variance: 0.9 + 0.1 * unbiased variance (6 for 0..8).
         let rv: Vec<f32> = bn.running_var.as_tensor().to_vec1().unwrap();
         assert!((rv[0] - 1.5).abs() < 1e-4, "{rv:?}");
+    }
+
+    /// The fused CPU kernel against the composed operations followed by ReLU: outputs,
+    /// running statistics and the gradients of input, gamma and beta, on random inputs.
+    #[test]
+    fn fused_matches_composed() {
+        for (n, c, h, w, seed) in [
+            (4, 3, 5, 5, 1),
+            (2, 8, 1, 1, 2),
+            (16, 16, 8, 8, 3),
+            (1, 2, 3, 7, 4),
+        ] {
+            let (fused, composed) = layers(c, seed);
+            let x =
+                Var::from_tensor(&Tensor::randn(0.5f32, 2., (n, c, h, w), &Device::Cpu).unwrap())
+                    .unwrap();
+            let g = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu).unwrap();
+            let a = fused.forward_t(x.as_tensor(), true).unwrap();
+            let b = composed
+                .forward_composed(x.as_tensor(), true)
+                .unwrap()
+                .relu()
+                .unwrap();
+            assert!(max_diff(&a, &b) < 1e-4, "forward {:?}", (n, c, h, w));
+            for (p, q) in [
+                (&fused.running_mean, &composed.running_mean),
+                (&fused.running_var, &composed.running_var),
+            ] {
+                assert!(max_diff(p.as_tensor(), q.as_tensor()) < 1e-4);
+            }
+            let ga = (&a * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let pairs = [
+                ("x", x.as_tensor(), x.as_tensor()),
+                ("gamma", fused.gamma.as_tensor(), composed.gamma.as_tensor()),
+                ("beta", fused.beta.as_tensor(), composed.beta.as_tensor()),
+            ];
+            for (name, pa, pb) in pairs {
+                let (da, db) = (ga.get(pa).unwrap(), gb.get(pb).unwrap());
+                let scale = db
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(D::Minus1)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0);
+                assert!(
+                    max_diff(da, db) < 2e-4 * scale,
+                    "{name} gradient {:?}",
+                    (n, c, h, w)
+                );
+            }
+            let ea = fused.forward_t(x.as_tensor(), false).unwrap();
+            let eb = composed
+                .forward_composed(x.as_tensor(), false)
+                .unwrap()
+                .relu()
+                .unwrap();
+            assert!(max_diff(&ea, &eb) < 1e-4, "eval {:?}", (n, c, h, w));
+        }
     }
 }

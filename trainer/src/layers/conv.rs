@@ -1,6 +1,7 @@
 //! A convolution padded "same": odd filters centred on each pixel, so that stride `s` maps a
 //! side of `n` pixels to `ceil(n / s)` whatever the filter size (§3.2's shapes depend only on
-//! strides and channels).
+//! strides and channels). On the CPU it runs as im2col + GEMM (`layers::cpu::conv`);
+//! elsewhere as Candle's convolution.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -53,6 +54,18 @@ impl Conv2d {
             .narrow(2, (fh - kh) / 2, kh)?
             .narrow(3, (fw - kw) / 2, kw)?;
         let (ph, pw) = ((kh - 1) / 2, (kw - 1) / 2);
+        if x.device().is_cpu() {
+            let op = super::cpu::conv::Conv2d {
+                geometry: super::cpu::conv::Geometry {
+                    stride: self.stride,
+                    pad_h: ph,
+                    pad_w: pw,
+                },
+            };
+            return x
+                .contiguous()?
+                .apply_op3(&weight.contiguous()?, self.bias.as_tensor(), op);
+        }
         let y = if ph == pw {
             x.conv2d(&weight, ph, self.stride, 1, 1)?
         } else {

@@ -4,10 +4,11 @@
 
 mod batch_norm;
 mod conv;
+pub mod cpu;
 mod linear;
 mod resize;
 
-pub use batch_norm::BatchNorm2d;
+pub use batch_norm::BatchNormRelu;
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use resize::Resize;

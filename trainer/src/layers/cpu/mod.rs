@@ -1,0 +1,125 @@
+//! CPU kernels for the layers that dominate training time, as Candle custom ops with their
+//! own backward passes: convolution (im2col + GEMM) and batch norm fused with its ReLU.
+//! Their CUDA counterparts are Candle's composed operations until the GPU work replaces them.
+
+pub mod batch_norm;
+pub mod conv;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The f32 data of a contiguous tensor.
+pub(crate) fn contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what}: only f32 tensors are supported");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Σ f(x) over a slice in eight independent lanes, which the compiler turns into vector
+/// instructions (a single running sum would serialise every addition).
+#[inline]
+pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let (chunks, tail) = xs.as_chunks::<8>();
+    for chunk in chunks {
+        for l in 0..8 {
+            acc[l] += f(chunk[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// A matrix for `gemm`: data with a row stride and a column stride, so that a row-major
+/// matrix and its transpose are both operands without a copy.
+pub(crate) struct GemmOperand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl<'a> GemmOperand<'a> {
+    /// A row-major matrix with `columns` columns.
+    pub fn row_major(data: &'a [f32], columns: usize) -> Self {
+        Self {
+            data,
+            row_stride: columns,
+            column_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix that has `columns` columns.
+    pub fn transposed(data: &'a [f32], columns: usize) -> Self {
+        Self {
+            data,
+            row_stride: 1,
+            column_stride: columns,
+        }
+    }
+
+    fn extent(&self, rows: usize, columns: usize) -> usize {
+        (rows - 1) * self.row_stride + (columns - 1) * self.column_stride + 1
+    }
+
+    /// `out` [m×n], row-major, becomes `self` [m×k] · `rhs` [k×n], added to what it held if
+    /// `accumulate`. Single-threaded: callers parallelise over images.
+    pub fn times(
+        &self,
+        rhs: &GemmOperand,
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                out[..m * n].fill(0.0);
+            }
+            return;
+        }
+        assert!(
+            self.data.len() >= self.extent(m, k),
+            "gemm: left operand too short"
+        );
+        assert!(
+            rhs.data.len() >= rhs.extent(k, n),
+            "gemm: right operand too short"
+        );
+        assert!(out.len() >= m * n, "gemm: output too short");
+        // SAFETY: the extents checked above keep every access inside the three slices, and
+        // `out` does not alias the operands (it is borrowed mutably).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                self.data.as_ptr(),
+                self.column_stride as isize,
+                self.row_stride as isize,
+                rhs.data.as_ptr(),
+                rhs.column_stride as isize,
+                rhs.row_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+}
