@@ -40,7 +40,7 @@ fn image(label: usize, rng: &mut impl Rng) -> Vec<u8> {
     for base in colour {
         for y in 0..32 {
             for x in 0..32 {
-                let stripe = if (x + y * (label % 2)) / period % 2 == 0 {
+                let stripe = if ((x + y * (label % 2)) / period).is_multiple_of(2) {
                     40.0
                 } else {
                     -40.0
