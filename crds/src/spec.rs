@@ -93,7 +93,7 @@ impl EvolutionExperimentSpec {
 
 /// How each individual is trained (§3.4).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.momentum >= 0.0 && self.momentum < 1.0", "message": "momentum must be in [0, 1)"},
     {"rule": "self.weightDecay >= 0.0", "message": "weightDecay must not be negative"},
@@ -109,6 +109,10 @@ pub struct TrainingSpec {
     pub weight_decay: f64,
     /// Learning rate of the initial individuals (§3.3); children mutate their own.
     pub initial_learning_rate: f64,
+    /// Let CUDA matrix products use TF32 (Hopper and Ampere tensor cores): faster, with a
+    /// 10-bit mantissa in the products. Off by default; each individual records whether it
+    /// trained with it.
+    pub tf32: bool,
 }
 
 impl Default for TrainingSpec {
@@ -119,6 +123,7 @@ impl Default for TrainingSpec {
             momentum: 0.9,
             weight_decay: 1e-4,
             initial_learning_rate: 0.1,
+            tf32: false,
         }
     }
 }

@@ -42,10 +42,16 @@ fn bad_fields_are_named() {
         ("  population: 1\n", "spec.population"),
         ("  population: 10\n  workers: 11\n", "spec.workers"),
         ("  mutationRate: 0\n", "spec.mutationRate"),
-        ("  training:\n    steps: 0\n    batchSize: 50\n    momentum: 0.9\n    weightDecay: 0.0001\n    initialLearningRate: 0.1\n", "spec.training.steps"),
+        ("  training:\n    steps: 0\n", "spec.training.steps"),
         ("  stop:\n    wallTime: soon\n", "spec.stop.wallTime"),
-        ("  stop:\n    targetValidationAccuracy: 1.5\n", "spec.stop.targetValidationAccuracy"),
-        ("  data:\n    validationImages: 60000\n", "spec.data.validationImages"),
+        (
+            "  stop:\n    targetValidationAccuracy: 1.5\n",
+            "spec.stop.targetValidationAccuracy",
+        ),
+        (
+            "  data:\n    validationImages: 60000\n",
+            "spec.data.validationImages",
+        ),
         ("  data:\n    sha256: abc\n", "spec.data.sha256"),
         ("  worker:\n    device: tpu\n", "spec.worker.device"),
     ];
@@ -56,6 +62,18 @@ fn bad_fields_are_named() {
             "{field}: {msg}"
         );
     }
+}
+
+#[test]
+fn a_manifest_names_only_what_it_changes() {
+    let e = parse(
+        "partial.yaml",
+        &format!("{MINIMAL}  training:\n    steps: 256\n"),
+    )
+    .unwrap();
+    assert_eq!(e.spec.training.steps, 256);
+    assert_eq!(e.spec.training.batch_size, 50);
+    assert!(!e.spec.training.tf32);
 }
 
 #[test]

@@ -62,6 +62,8 @@ fn individual(fitness: f64, convolutions: usize) -> Individual {
             training_seconds: 1.0,
             evaluation_seconds: 0.0,
             overhead_seconds: 0.0,
+            tf32: false,
+            device: "cpu".into(),
         },
         started_at_ms: now_ms(),
         born_at_ms: now_ms(),

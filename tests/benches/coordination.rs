@@ -61,6 +61,8 @@ fn outcome(fitness: f64, dna: &Dna) -> Outcome {
         training_seconds: 0.0,
         evaluation_seconds: 0.0,
         overhead_seconds: 0.0,
+        tf32: false,
+        device: "cpu".into(),
     }
 }
 

@@ -34,6 +34,8 @@ pub fn individual(fitness: f64) -> Individual {
             training_seconds: 10.0,
             evaluation_seconds: 1.0,
             overhead_seconds: 0.1,
+            tf32: false,
+            device: "cpu".into(),
         },
         dna,
         started_at_ms: now_ms(),

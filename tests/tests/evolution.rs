@@ -43,6 +43,7 @@ fn trainer(split: Arc<Split>, spec: &crds::EvolutionExperimentSpec) -> Arc<dyn C
             ..TrainConfig::paper(spec.training.steps, 0)
         },
         device: Device::Cpu,
+        tf32: false,
     })
 }
 

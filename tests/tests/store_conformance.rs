@@ -123,6 +123,8 @@ fn individual(fitness: f64) -> Individual {
             training_seconds: 1.0,
             evaluation_seconds: 0.1,
             overhead_seconds: 0.01,
+            tf32: false,
+            device: "cpu".into(),
         },
         started_at_ms: now_ms(),
         born_at_ms: now_ms(),

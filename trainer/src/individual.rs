@@ -110,6 +110,12 @@ pub struct Outcome {
     pub evaluation_seconds: f64,
     /// Everything else the reproduction took: store requests, model building, waiting.
     pub overhead_seconds: f64,
+    /// Trained with TF32 matrix products (CUDA only).
+    #[serde(default)]
+    pub tf32: bool,
+    /// The device it trained on (`cpu`, `cuda:0`).
+    #[serde(default)]
+    pub device: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

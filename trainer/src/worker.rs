@@ -96,10 +96,25 @@ pub struct CandleTrainer {
     pub data: Arc<Split>,
     pub config: TrainConfig,
     pub device: Device,
+    /// TF32 matrix products on CUDA (`spec.training.tf32`).
+    pub tf32: bool,
+}
+
+/// How a device is named in records and logs.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 impl ChildTrainer for CandleTrainer {
     fn train_child(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
+        let tf32 = self.tf32 && self.device.is_cuda();
+        if tf32 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        }
         let parent = job
             .parent_weights
             .map(|bytes| Weights::from_safetensors(&bytes, &self.device))
@@ -157,6 +172,8 @@ impl ChildTrainer for CandleTrainer {
                 training_seconds: report.seconds,
                 evaluation_seconds: evaluation.map_or(0.0, |e| e.seconds),
                 overhead_seconds: 0.0,
+                tf32,
+                device: device_name(&self.device),
             },
             weights,
             inherited_tensors: inheritance.inherited.len(),

@@ -114,6 +114,7 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
             ..TrainConfig::paper(60, 0)
         },
         device: Device::Cpu,
+        tf32: false,
     });
     let stop = Arc::new(StopFlag::default());
     let survivors = tokio::spawn(worker::watch_for_stop(

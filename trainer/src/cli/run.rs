@@ -123,6 +123,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         data: split.clone(),
         config: training_config(&spec),
         device,
+        tf32: spec.training.tf32,
     });
     let watcher = tokio::spawn(worker::watch_for_stop(
         population.clone(),

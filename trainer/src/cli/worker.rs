@@ -78,6 +78,7 @@ pub async fn run(options: WorkerOptions) -> Result<()> {
         data: split,
         config: training_config(&spec),
         device,
+        tf32: spec.training.tf32,
     });
     let seed_base = base
         .bytes()
