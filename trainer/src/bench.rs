@@ -95,7 +95,7 @@ pub fn bench_model(
     for step in 0..config.warmup + config.steps {
         let t0 = Instant::now();
         let logits = model.forward_t(&images, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let loss = crate::layers::cross_entropy(&logits, &labels)?;
         sync(device)?;
         let t1 = Instant::now();
         let grads = loss.backward()?;

@@ -103,7 +103,7 @@ pub fn train(
         let err = move |source| TrainError::Step { step: at, source };
         let batch = batches.next_batch(config.batch_size, device).map_err(err)?;
         let logits = model.forward_t(&batch.images, true).map_err(err)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels).map_err(err)?;
+        let loss = crate::layers::cross_entropy(&logits, &batch.labels).map_err(err)?;
         optimizer.backward_step(&loss).map_err(err)?;
         window = (window + loss.detach()).map_err(err)?;
         window_len += 1;

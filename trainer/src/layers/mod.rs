@@ -12,3 +12,18 @@ pub use batch_norm::BatchNormRelu;
 pub use conv::Conv2d;
 pub use linear::Linear;
 pub use resize::Resize;
+
+/// The training loss: mean softmax cross-entropy of `logits` [batch, classes] against
+/// `labels` [batch] (u32), fused on the CPU.
+pub fn cross_entropy(
+    logits: &candle_core::Tensor,
+    labels: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    if logits.device().is_cpu() {
+        logits
+            .contiguous()?
+            .apply_op2(labels, cpu::cross_entropy::CrossEntropy)
+    } else {
+        candle_nn::loss::cross_entropy(logits, labels)
+    }
+}

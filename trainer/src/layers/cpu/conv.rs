@@ -87,6 +87,16 @@ impl Dims {
     }
 }
 
+/// The output columns `ox` whose input column `ox·s + j − pad` lies inside a row of `w`
+/// pixels: everything else reads padding.
+#[inline]
+fn valid_columns(j: usize, pad: usize, stride: usize, w: usize, ow: usize) -> (usize, usize) {
+    // ox·s + j ≥ pad  and  ox·s + j − pad ≤ w − 1
+    let first = pad.saturating_sub(j).div_ceil(stride);
+    let last = (w - 1 + pad).checked_sub(j).map_or(0, |v| v / stride + 1);
+    (first.min(ow), last.min(ow).max(first.min(ow)))
+}
+
 /// Unfolds one image into `col` [K×P]: row (c, i, j) holds input pixel (c, y·s+i−ph, x·s+j−pw)
 /// for every output position (y, x), 0 where that falls in the padding.
 fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
@@ -97,6 +107,7 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let row = &mut col[((c * d.kh + i) * d.kw + j) * p..][..p];
+                let (first, last) = valid_columns(j, d.g.pad_w, s, d.w, d.ow);
                 for oy in 0..d.oh {
                     let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
                     let iy = (oy * s + i) as isize - d.g.pad_h as isize;
@@ -105,13 +116,18 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
                         continue;
                     }
                     let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let ix = (ox * s + j) as isize - d.g.pad_w as isize;
-                        *o = if ix >= 0 && ix < d.w as isize {
-                            src[ix as usize]
-                        } else {
-                            0.0
-                        };
+                    out[..first].fill(0.0);
+                    out[last..].fill(0.0);
+                    let start = first * s + j - d.g.pad_w;
+                    if s == 1 {
+                        out[first..last].copy_from_slice(&src[start..start + (last - first)]);
+                    } else {
+                        for (o, v) in out[first..last]
+                            .iter_mut()
+                            .zip(src[start..].iter().step_by(s))
+                        {
+                            *o = *v;
+                        }
                     }
                 }
             }
@@ -129,16 +145,25 @@ fn col2im(col: &[f32], d: &Dims, dx: &mut [f32]) {
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let row = &col[((c * d.kh + i) * d.kw + j) * p..][..p];
+                let (first, last) = valid_columns(j, d.g.pad_w, s, d.w, d.ow);
+                if first >= last {
+                    continue;
+                }
                 for oy in 0..d.oh {
                     let iy = (oy * s + i) as isize - d.g.pad_h as isize;
                     if iy < 0 || iy >= d.h as isize {
                         continue;
                     }
                     let dst = &mut plane[iy as usize * d.w..(iy as usize + 1) * d.w];
-                    for (ox, &v) in row[oy * d.ow..(oy + 1) * d.ow].iter().enumerate() {
-                        let ix = (ox * s + j) as isize - d.g.pad_w as isize;
-                        if ix >= 0 && ix < d.w as isize {
-                            dst[ix as usize] += v;
+                    let start = first * s + j - d.g.pad_w;
+                    let values = &row[oy * d.ow + first..oy * d.ow + last];
+                    if s == 1 {
+                        for (d, v) in dst[start..start + values.len()].iter_mut().zip(values) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, v) in dst[start..].iter_mut().step_by(s).zip(values) {
+                            *d += v;
                         }
                     }
                 }
@@ -444,6 +469,32 @@ mod tests {
                     "{name} gradient {:?}",
                     (n, cin, h, w, cout, kh, kw, s)
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn valid_columns_are_exactly_the_inside_ones() {
+        for (w, k, s) in [
+            (7usize, 3usize, 1usize),
+            (7, 5, 2),
+            (4, 9, 4),
+            (1, 3, 1),
+            (9, 1, 3),
+        ] {
+            let pad = (k - 1) / 2;
+            let ow = (w + 2 * pad - k) / s + 1;
+            for j in 0..k {
+                let (first, last) = valid_columns(j, pad, s, w, ow);
+                for ox in 0..ow {
+                    let ix = (ox * s + j) as isize - pad as isize;
+                    let inside = ix >= 0 && ix < w as isize;
+                    assert_eq!(
+                        inside,
+                        (first..last).contains(&ox),
+                        "w {w} k {k} s {s} j {j} ox {ox}"
+                    );
+                }
             }
         }
     }

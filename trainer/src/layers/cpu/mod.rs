@@ -4,6 +4,7 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod cross_entropy;
 
 use candle_core::{CpuStorage, Layout, Result};
 
