@@ -137,6 +137,20 @@ pub fn summary_text(g: &Gathered, test: Option<&TestResult>) -> String {
         worker_seconds / 3600.0
     );
     let _ = writeln!(out, "compute      {flops:.3e} FLOPs");
+    let (train, eval, overhead) = g.individuals.iter().fold((0.0, 0.0, 0.0), |(t, e, o), i| {
+        (
+            t + i.outcome.training_seconds,
+            e + i.outcome.evaluation_seconds,
+            o + i.outcome.overhead_seconds,
+        )
+    });
+    if train + eval + overhead > 0.0 {
+        let _ = writeln!(
+            out,
+            "overhead     {:.1}% of worker time (training {train:.1} s, evaluation {eval:.1} s, everything else {overhead:.1} s)",
+            100.0 * overhead / (train + eval + overhead)
+        );
+    }
     if let Some(best) = g.best() {
         let _ = writeln!(
             out,
