@@ -48,6 +48,8 @@ pub struct Gathered {
     pub alive: HashSet<String>,
     /// Records that could not be read (reported, not fatal).
     pub unreadable: usize,
+    /// The workers' own running totals (the progress keys).
+    pub summary: crate::store::Summary,
 }
 
 impl Gathered {
@@ -67,7 +69,11 @@ pub async fn gather(population: &Population) -> Result<Gathered, ReportError> {
         .experiment()
         .await?
         .ok_or_else(|| ReportError::NoExperiment(population.url().to_string()))?;
-    let (ids, alive) = tokio::try_join!(population.recorded(), population.alive())?;
+    let (ids, alive, summary) = tokio::try_join!(
+        population.recorded(),
+        population.alive(),
+        population.summary()
+    )?;
     let mut individuals = Vec::with_capacity(ids.len());
     let mut unreadable = 0;
     let mut reads = futures::stream::iter(ids.into_iter().map(|id| {
@@ -91,6 +97,7 @@ pub async fn gather(population: &Population) -> Result<Gathered, ReportError> {
         individuals,
         alive: alive.iter().map(|a| a.id.to_string()).collect(),
         unreadable,
+        summary,
     })
 }
 
@@ -144,11 +151,15 @@ pub fn summary_text(g: &Gathered, test: Option<&TestResult>) -> String {
             o + i.outcome.overhead_seconds,
         )
     });
-    if train + eval + overhead > 0.0 {
+    // The workers' totals include everything a reproduction took; what is not training or
+    // evaluation is overhead (store requests, model building, serialisation, waiting).
+    let worker_total = g.summary.worker_seconds.max(train + eval + overhead);
+    if worker_total > 0.0 {
         let _ = writeln!(
             out,
-            "overhead     {:.1}% of worker time (training {train:.1} s, evaluation {eval:.1} s, everything else {overhead:.1} s)",
-            100.0 * overhead / (train + eval + overhead)
+            "overhead     {:.1}% of worker time ({:.1} s of {worker_total:.1} s; training {train:.1} s, evaluation {eval:.1} s)",
+            100.0 * (worker_total - train - eval) / worker_total,
+            worker_total - train - eval,
         );
     }
     if let Some(best) = g.best() {

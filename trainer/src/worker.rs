@@ -472,15 +472,18 @@ impl Worker<'_> {
             started_at_ms,
             born_at_ms: 0,
         };
+        self.population
+            .put_weights(&individual.id, trained.weights)
+            .await?;
         // Overhead is what the reproduction took beyond training and evaluation, up to the
-        // moment the record is written (the alive key follows at once).
+        // last two writes (record and alive key), which the worker's running total includes.
         individual.born_at_ms = now_ms();
         outcome.overhead_seconds = (started.elapsed().as_secs_f64()
             - outcome.training_seconds
             - outcome.evaluation_seconds)
             .max(0.0);
         individual.outcome = outcome;
-        self.population.add(&individual, trained.weights).await?;
+        self.population.publish(&individual).await?;
         tracing::info!(
             experiment = %self.record.name,
             worker = %self.settings.name,

@@ -333,10 +333,21 @@ impl Population {
     /// Puts a trained individual in: weights and record first, the alive key last, so that
     /// nobody ever sees part of an individual.
     pub async fn add(&self, individual: &Individual, weights: Bytes) -> Result<(), StoreError> {
-        let id = &individual.id;
+        self.put_weights(&individual.id, weights).await?;
+        self.publish(individual).await
+    }
+
+    /// The first half of [`Population::add`]: the weights, which nothing reads before the
+    /// individual is published.
+    pub async fn put_weights(&self, id: &IndividualId, weights: Bytes) -> Result<(), StoreError> {
         self.store
             .put(&format!("{INDIVIDUALS}{id}/weights.safetensors"), weights)
-            .await?;
+            .await
+    }
+
+    /// The second half: the record, then the alive key; from here on the individual exists.
+    pub async fn publish(&self, individual: &Individual) -> Result<(), StoreError> {
+        let id = &individual.id;
         let record = serde_json::to_vec_pretty(individual).expect("serialisable");
         self.store
             .put(

@@ -118,6 +118,9 @@ fn im2col(x: &[f32], d: &Dims, col: &mut [f32]) {
                     let src = &plane[iy as usize * d.w..(iy as usize + 1) * d.w];
                     out[..first].fill(0.0);
                     out[last..].fill(0.0);
+                    if first == last {
+                        continue;
+                    }
                     let start = first * s + j - d.g.pad_w;
                     if s == 1 {
                         out[first..last].copy_from_slice(&src[start..start + (last - first)]);
@@ -405,6 +408,9 @@ mod tests {
             (4, 4, 6, 6, 2, 5, 3, 4, 2, 1),
             (2, 1, 2, 2, 3, 3, 3, 1, 1, 1),
             (5, 8, 16, 16, 16, 3, 3, 2, 1, 1),
+            // Strided, with filter taps that never meet the image (found by the mutation test).
+            (2, 2, 2, 2, 3, 3, 7, 4, 1, 3),
+            (2, 3, 3, 5, 2, 5, 9, 2, 2, 4),
         ];
         for (n, cin, h, w, cout, kh, kw, s, ph, pw) in cases {
             let x =
