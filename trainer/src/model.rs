@@ -236,7 +236,13 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        // A fixed seed keeps CI repeatable; PROPTEST_CASES=1000 (with a new seed:
+        // PROPTEST_RNG_SEED) sweeps wider by hand.
+        #![proptest_config(ProptestConfig {
+            cases: 32,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_cafe),
+            ..ProptestConfig::default()
+        })]
         /// From the initial DNA, 300 random mutations always give a DNA that holds the
         /// invariants and builds into a network with finite logits of the right shape.
         #[test]
