@@ -58,6 +58,7 @@ def main():
     model.train()
     perm = rng.permutation(len(train))
     cursor = 0
+    losses = []
     for step in range(args.steps):
         if cursor + 50 > len(perm):
             perm, cursor = rng.permutation(len(train)), 0
@@ -69,6 +70,7 @@ def main():
             crops.append(crop.flip(2) if rng.random() < 0.5 else crop)
         batch = torch.stack(crops)
         loss = F.cross_entropy(model(batch), y[train][idx])
+        losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,6 +79,8 @@ def main():
     with torch.no_grad():
         predictions = torch.cat([model(x[val][i:i + 500]).argmax(1) for i in range(0, 5000, 500)])
     accuracy = (predictions == y[val]).float().mean().item()
+    window = min(50, len(losses))
+    print(f"training loss        {np.mean(losses[:window]):.4f} (first {window} steps), {np.mean(losses[-window:]):.4f} (last {window})")
     print(f"validation accuracy  {accuracy:.4f}")
     print(f"wall time            {seconds:.1f} s ({args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads)")
 

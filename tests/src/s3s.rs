@@ -257,7 +257,11 @@ impl Drop for S3Server {
 impl S3Server {
     /// Starts a server on a free loopback port, on the current tokio runtime.
     pub async fn start() -> S3Server {
-        let root = tempfile::tempdir().expect("temporary folder");
+        Self::start_with(tempfile::tempdir().expect("temporary folder")).await
+    }
+
+    /// Starts a server that keeps its objects in `root` (deleted with the server).
+    pub async fn start_with(root: tempfile::TempDir) -> S3Server {
         let faults = Arc::new(Faults::default());
         let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs root");
         let mut builder = s3s::service::S3ServiceBuilder::new(Locked {
