@@ -183,37 +183,40 @@ impl CustomOp3 for Backward {
         let (n, c, plane) = dims(l1)?;
         let count = (n * plane) as f32;
         let BatchStats { mean, inv_std, .. } = &self.stats;
-        // Per channel: Σ g and Σ g·x̂, where g is dy through the ReLU (0 where y = 0).
-        let sums: Vec<(f32, f32)> = (0..c)
+        // Per channel: Σ g and Σ g·x̂, where g is dy through the ReLU (0 where y = 0). Samples
+        // in parallel, each walking its planes in memory order: a channel-major walk jumps a
+        // whole sample ahead every plane, which defeats the hardware prefetcher (4x slower).
+        let sums: Vec<(f64, f64)> = (0..n)
             .into_par_iter()
-            .map(|ch| {
-                let (m, s) = (mean[ch], inv_std[ch]);
-                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-                for i in 0..n {
-                    let at = (i * c + ch) * plane;
-                    let (x, y, dy) = (&x[at..at + plane], &y[at..at + plane], &dy[at..at + plane]);
-                    let (mut g8, mut gx8) = ([0f32; 8], [0f32; 8]);
-                    let (x8, x1) = x.as_chunks::<8>();
-                    let (y8, y1) = y.as_chunks::<8>();
-                    let (d8, d1) = dy.as_chunks::<8>();
-                    for ((x, y), dy) in x8.iter().zip(y8).zip(d8) {
-                        for l in 0..8 {
-                            let g = if y[l] > 0.0 { dy[l] } else { 0.0 };
-                            g8[l] += g;
-                            gx8[l] += g * (x[l] - m) * s;
-                        }
-                    }
-                    let (mut g1, mut gx1) = (0f32, 0f32);
-                    for ((&x, &y), &dy) in x1.iter().zip(y1).zip(d1) {
-                        let g = if y > 0.0 { dy } else { 0.0 };
-                        g1 += g;
-                        gx1 += g * (x - m) * s;
-                    }
-                    sum_g += f64::from(g8.iter().sum::<f32>() + g1);
-                    sum_gx += f64::from(gx8.iter().sum::<f32>() + gx1);
-                }
-                (sum_g as f32, sum_gx as f32)
+            .map(|i| {
+                let at = i * c * plane;
+                (0..c)
+                    .map(|ch| {
+                        let at = at + ch * plane;
+                        let (g, gx) = plane_sums(
+                            &x[at..at + plane],
+                            &y[at..at + plane],
+                            &dy[at..at + plane],
+                            mean[ch],
+                            inv_std[ch],
+                        );
+                        (f64::from(g), f64::from(gx))
+                    })
+                    .collect::<Vec<_>>()
             })
+            .reduce(
+                || vec![(0.0, 0.0); c],
+                |mut a, b| {
+                    for (a, b) in a.iter_mut().zip(b) {
+                        a.0 += b.0;
+                        a.1 += b.1;
+                    }
+                    a
+                },
+            );
+        let sums: Vec<(f32, f32)> = sums
+            .into_iter()
+            .map(|(g, gx)| (g as f32, gx as f32))
             .collect();
         let mut out = vec![0f32; x.len() + 2 * c];
         let (dx, rest) = out.split_at_mut(x.len());
@@ -226,16 +229,85 @@ impl CustomOp3 for Backward {
                 let (sum_g, sum_gx) = sums[ch];
                 let (m, s) = (mean[ch], inv_std[ch]);
                 let k = self.gamma[ch] * s / count;
-                for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-                    let g = if y > 0.0 { dy } else { 0.0 };
-                    *dx = k * (count * g - sum_g - (x - m) * s * sum_gx);
-                }
+                plane_input_grad(dx, x, y, dy, [k, count, sum_g, m, s, sum_gx]);
             });
         for ch in 0..c {
             rest[ch] = sums[ch].1;
             rest[c + ch] = sums[ch].0;
         }
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
+    }
+}
+
+/// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0). Compiled twice:
+/// for AVX2 + FMA when the CPU has them (chosen at run time, so that the binary still runs on
+/// any x86-64), and for the baseline; the two loops are memory-bound only when vectorised wide.
+fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for (checked above).
+        return unsafe { plane_sums_avx2(x, y, dy, m, s) };
+    }
+    plane_sums_body(x, y, dy, m, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn plane_sums_avx2(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
+    plane_sums_body(x, y, dy, m, s)
+}
+
+#[inline(always)]
+fn plane_sums_body(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
+    let (mut g8, mut gx8) = ([0f32; 8], [0f32; 8]);
+    let (x8, x1) = x.as_chunks::<8>();
+    let (y8, y1) = y.as_chunks::<8>();
+    let (d8, d1) = dy.as_chunks::<8>();
+    for ((x, y), dy) in x8.iter().zip(y8).zip(d8) {
+        for l in 0..8 {
+            let g = if y[l] > 0.0 { dy[l] } else { 0.0 };
+            g8[l] += g;
+            gx8[l] += g * (x[l] - m);
+        }
+    }
+    let (mut g1, mut gx1) = (0f32, 0f32);
+    for ((&x, &y), &dy) in x1.iter().zip(y1).zip(d1) {
+        let g = if y > 0.0 { dy } else { 0.0 };
+        g1 += g;
+        gx1 += g * (x - m);
+    }
+    (
+        g8.iter().sum::<f32>() + g1,
+        (gx8.iter().sum::<f32>() + gx1) * s,
+    )
+}
+
+/// dx over one plane; `p` is [k, count, Σg, mean, inv_std, Σg·x̂]. Dispatched as
+/// [`plane_sums`].
+fn plane_input_grad(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for (checked above).
+        return unsafe { plane_input_grad_avx2(dx, x, y, dy, p) };
+    }
+    plane_input_grad_body(dx, x, y, dy, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn plane_input_grad_avx2(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
+    plane_input_grad_body(dx, x, y, dy, p)
+}
+
+#[inline(always)]
+fn plane_input_grad_body(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
+    let [k, count, sum_g, m, s, sum_gx] = p;
+    // dx = k·(count·g − Σg − (x − m)·s·Σg·x̂) = a·g + b·(x − m) + c; x − m kept as it is
+    // against cancellation when the mean is large.
+    let (a, b, c) = (k * count, -k * s * sum_gx, -k * sum_g);
+    for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+        let g = if y > 0.0 { dy } else { 0.0 };
+        *dx = a * g + b * (x - m) + c;
     }
 }
 
