@@ -229,7 +229,10 @@ impl CustomOp3 for Backward {
                 let (sum_g, sum_gx) = sums[ch];
                 let (m, s) = (mean[ch], inv_std[ch]);
                 let k = self.gamma[ch] * s / count;
-                plane_input_grad(dx, x, y, dy, [k, count, sum_g, m, s, sum_gx]);
+                for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+                    let g = if y > 0.0 { dy } else { 0.0 };
+                    *dx = k * (count * g - sum_g - (x - m) * s * sum_gx);
+                }
             });
         for ch in 0..c {
             rest[ch] = sums[ch].1;
@@ -239,26 +242,9 @@ impl CustomOp3 for Backward {
     }
 }
 
-/// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0). Compiled twice:
-/// for AVX2 + FMA when the CPU has them (chosen at run time, so that the binary still runs on
-/// any x86-64), and for the baseline; the two loops are memory-bound only when vectorised wide.
+/// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0): f32 lanes of 8
+/// that the compiler vectorises.
 fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for (checked above).
-        return unsafe { plane_sums_avx2(x, y, dy, m, s) };
-    }
-    plane_sums_body(x, y, dy, m, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn plane_sums_avx2(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
-    plane_sums_body(x, y, dy, m, s)
-}
-
-#[inline(always)]
-fn plane_sums_body(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
     let (mut g8, mut gx8) = ([0f32; 8], [0f32; 8]);
     let (x8, x1) = x.as_chunks::<8>();
     let (y8, y1) = y.as_chunks::<8>();
@@ -280,35 +266,6 @@ fn plane_sums_body(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f3
         g8.iter().sum::<f32>() + g1,
         (gx8.iter().sum::<f32>() + gx1) * s,
     )
-}
-
-/// dx over one plane; `p` is [k, count, Σg, mean, inv_std, Σg·x̂]. Dispatched as
-/// [`plane_sums`].
-fn plane_input_grad(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for (checked above).
-        return unsafe { plane_input_grad_avx2(dx, x, y, dy, p) };
-    }
-    plane_input_grad_body(dx, x, y, dy, p)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn plane_input_grad_avx2(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
-    plane_input_grad_body(dx, x, y, dy, p)
-}
-
-#[inline(always)]
-fn plane_input_grad_body(dx: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], p: [f32; 6]) {
-    let [k, count, sum_g, m, s, sum_gx] = p;
-    // dx = k·(count·g − Σg − (x − m)·s·Σg·x̂) = a·g + b·(x − m) + c; x − m kept as it is
-    // against cancellation when the mean is large.
-    let (a, b, c) = (k * count, -k * s * sum_gx, -k * sum_g);
-    for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-        let g = if y > 0.0 { dy } else { 0.0 };
-        *dx = a * g + b * (x - m) + c;
-    }
 }
 
 /// Evaluation mode: relu(x · scale + shift) with the running statistics folded into
