@@ -17,15 +17,24 @@ log "device"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 $py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >> "$out/nvidia-smi.txt" 2>&1
 
+# 0. Our CUDA kernels against Candle's operations on the GPU (outputs and gradients).
+log "check-ops"
+timeout 120 $t check-ops --device cuda > "$out/check-ops.txt" 2> "$out/check-ops.log"
+echo "check-ops exit $?" >> "$out/check-ops.txt"
+
 # 1. Candle against PyTorch eager on the same GPU: the three reference DNAs, batch 50 and 256,
-#    float32 (and PyTorch with TF32 for reference), with per-operation times.
+#    float32, with per-operation times; then the same with Candle's composed operations (what
+#    our kernels replace) and PyTorch with TF32, for reference.
 for b in 50 256; do
   log "bench batch $b"
-  timeout 240 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
+  timeout 150 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
     > "$out/bench-b$b.txt" 2> "$out/bench-b$b.log"
-  timeout 120 $t bench --device cuda --batch $b --steps 30 --warmup 5 --torch "$py" --torch-args=--tf32 \
-    > "$out/bench-b$b-torch-tf32.txt" 2>> "$out/bench-b$b.log"
 done
+log "bench batch 256, composed ops, PyTorch TF32"
+timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops --composed \
+  > "$out/bench-b256-composed.txt" 2>> "$out/bench-b256.log"
+timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --torch "$py" --torch-args=--tf32 \
+  > "$out/bench-b256-torch-tf32.txt" 2>> "$out/bench-b256.log"
 
 # 2. GPU utilisation with one and with four worker loops on one device (small, early models).
 cat > "$out/util.yaml" <<YAML
@@ -45,7 +54,7 @@ spec:
   store:
     url: file:///tmp/gpu-util
   stop:
-    wallTime: 60s
+    wallTime: 30s
 YAML
 for loops in 1 4; do
   log "utilisation with $loops loops"
@@ -53,12 +62,12 @@ for loops in 1 4; do
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
     > "$out/util-$loops.csv" 2>/dev/null &
   smi=$!
-  timeout 150 $t worker --manifest "$out/util.yaml" --data .gpu/cifar --device cuda --loops $loops \
+  timeout 80 $t worker --manifest "$out/util.yaml" --data .gpu/cifar --device cuda --loops $loops \
     > "$out/util-$loops.log" 2>&1
   kill $smi 2>/dev/null
   awk -F, '{s+=$1; n++} END {if (n) printf "loops=%d mean GPU utilisation %.1f%% over %d samples\n", '"$loops"', s/n, n}' \
     "$out/util-$loops.csv" | tee -a "$out/utilisation.txt"
-  grep -c "individual born" "$out/util-$loops.log" | sed "s/^/loops=$loops individuals born in 60 s: /" | tee -a "$out/utilisation.txt"
+  grep -c "individual born" "$out/util-$loops.log" | sed "s/^/loops=$loops individuals born in 30 s: /" | tee -a "$out/utilisation.txt"
 done
 
 # 3. A short real evolution on the CIFAR-10 subset: validation accuracy over time.
@@ -81,10 +90,10 @@ spec:
   store:
     url: file:///tmp/gpu-evolution
   stop:
-    wallTime: 150s
+    wallTime: 80s
 YAML
 log "evolution"
 rm -rf /tmp/gpu-evolution
-timeout 240 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
+timeout 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
   > "$out/evolution.txt" 2> "$out/evolution.log"
 log "done"

@@ -47,6 +47,9 @@ enum Commands {
     Mutate(MutateArgs),
     /// Training and evaluation images/s of the reference DNAs (optionally against PyTorch).
     Bench(BenchArgs),
+    /// Check our convolution and batch-norm kernels against Candle's operations on a device:
+    /// outputs and gradients on random inputs of varied shapes.
+    CheckOps(CheckOpsArgs),
 }
 
 #[derive(Args)]
@@ -239,6 +242,17 @@ struct BenchArgs {
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
+    /// Run Candle's composed operations instead of our convolution and batch-norm kernels,
+    /// to measure what the kernels gain.
+    #[arg(long)]
+    composed: bool,
+}
+
+#[derive(Args)]
+struct CheckOpsArgs {
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 fn main() -> Result<()> {
@@ -312,6 +326,15 @@ fn main() -> Result<()> {
         Commands::Train(args) => train_command(args),
         Commands::Mutate(args) => mutate_command(args),
         Commands::Bench(args) => bench_command(args),
+        Commands::CheckOps(args) => check_ops_command(args),
+    }
+}
+
+/// The reference script's name for a device: `cuda:N` or `cpu`.
+fn torch_device(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".into(),
     }
 }
 
@@ -447,8 +470,34 @@ fn mutate_command(args: MutateArgs) -> Result<()> {
     Ok(())
 }
 
+fn check_ops_command(args: CheckOpsArgs) -> Result<()> {
+    let device = cli::device(&args.device)?;
+    let results = trainer::layers::gpu::check::run(&device)
+        .with_context(|| format!("checking the kernels on {}", args.device))?;
+    let mut failed = 0;
+    for c in &results {
+        let verdict = if c.passed() { "ok  " } else { "FAIL" };
+        failed += usize::from(!c.passed());
+        println!(
+            "{verdict} {:.2e} (tolerance {:.0e})  {}",
+            c.error, c.tolerance, c.name
+        );
+    }
+    println!(
+        "{} of {} checks passed on {}",
+        results.len() - failed,
+        results.len(),
+        trainer::worker::device_name(&device)
+    );
+    if failed > 0 {
+        bail!("{failed} kernel checks failed");
+    }
+    Ok(())
+}
+
 fn bench_command(args: BenchArgs) -> Result<()> {
     let device = cli::device(&args.device)?;
+    trainer::layers::use_composed_only(args.composed);
     let mut dnas = Vec::new();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&args.dnas)
         .with_context(|| format!("reading the reference DNA folder {}", args.dnas.display()))?
@@ -472,7 +521,10 @@ fn bench_command(args: BenchArgs) -> Result<()> {
         warmup: args.warmup,
         eval_batch: args.eval_batch,
     };
-    let report = bench::run(&dnas, &config, &device, args.ops)?;
+    let mut report = bench::run(&dnas, &config, &device, args.ops)?;
+    if args.composed {
+        report.implementation.push_str(" (composed ops)");
+    }
     let reference = match &args.torch {
         None => None,
         Some(python) => {
@@ -484,6 +536,8 @@ fn bench_command(args: BenchArgs) -> Result<()> {
                 .args(["--steps", &args.steps.to_string()])
                 .args(["--warmup", &args.warmup.to_string()])
                 .args(["--eval-batch", &args.eval_batch.to_string()])
+                .args(["--device", &torch_device(&device)])
+                .args(&args.torch_args)
                 .args(if args.ops {
                     &["--ops", "--json"][..]
                 } else {

@@ -2,7 +2,8 @@
 //! channels of `[batch, channels, height, width]` activations, with PyTorch's conventions
 //! (momentum 0.1 for the running averages, unbiased running variance, eps 1e-5) so that the
 //! PyTorch reference model computes the same function. On the CPU it runs as one fused kernel
-//! (`layers::cpu::batch_norm`); elsewhere as Candle's composed operations.
+//! (`layers::cpu::batch_norm`), on CUDA as four kernels (`layers::gpu::batch_norm`), elsewhere
+//! as Candle's composed operations.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -11,6 +12,16 @@ use crate::weights::{Init, Parameters, WeightsError};
 
 const MOMENTUM: f64 = 0.1;
 const EPS: f64 = 1e-5;
+
+/// Bessel's correction for a variance over `count` elements (PyTorch's running variance is
+/// unbiased).
+fn unbiased(count: usize) -> f64 {
+    if count > 1 {
+        count as f64 / (count as f64 - 1.0)
+    } else {
+        1.0
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct BatchNormRelu {
@@ -41,14 +52,65 @@ impl BatchNormRelu {
         })
     }
 
+    pub(crate) fn gamma(&self) -> &Var {
+        &self.gamma
+    }
+
+    pub(crate) fn beta(&self) -> &Var {
+        &self.beta
+    }
+
+    pub(crate) fn running_mean(&self) -> &Var {
+        &self.running_mean
+    }
+
+    pub(crate) fn running_var(&self) -> &Var {
+        &self.running_var
+    }
+
     /// Training mode normalises with the batch's statistics and updates the running averages;
     /// evaluation mode uses the running averages only.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if x.device().is_cpu() {
-            self.forward_cpu(x, train)
-        } else {
-            self.forward_composed(x, train)?.relu()
+        self.forward_on(x, train, super::path(x.device()))
+    }
+
+    /// The forward pass on a chosen path (the tests and `layers::gpu::check` compare them).
+    pub fn forward_on(&self, x: &Tensor, train: bool, path: super::Path) -> Result<Tensor> {
+        match path {
+            super::Path::Cpu => self.forward_cpu(x, train),
+            super::Path::Gpu => self.forward_gpu(x, train),
+            super::Path::Composed => self.forward_composed(x, train)?.relu(),
         }
+    }
+
+    /// The GPU path (`layers::gpu::batch_norm`): statistics, running averages and the
+    /// normalisation all stay on the device, so a step never waits for it.
+    pub fn forward_gpu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        use super::gpu::batch_norm::{Eval, Statistics, TrainForward};
+        let x = x.contiguous()?;
+        if !train {
+            let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
+            let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+            return x.apply_op3_no_bwd(&scale.detach(), &shift.detach(), &Eval);
+        }
+        let stats = x.apply_op1_no_bwd(&Statistics)?;
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let inv_std = (&var + EPS)?.sqrt()?.recip()?;
+        let scale = (self.gamma.as_tensor().detach() * &inv_std)?;
+        let shift = (self.beta.as_tensor().detach() - (&mean * &scale)?)?;
+        let y = x.apply_op3(
+            self.gamma.as_tensor(),
+            self.beta.as_tensor(),
+            TrainForward {
+                scale,
+                shift,
+                mean: mean.clone(),
+                inv_std,
+            },
+        )?;
+        let (n, _, h, w) = x.dims4()?;
+        self.update_running(&mean, &var, unbiased(n * h * w))?;
+        Ok(y)
     }
 
     fn forward_cpu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -65,16 +127,10 @@ impl BatchNormRelu {
             candle_core::bail!("batch norm: the forward pass left no statistics");
         };
         let (n, _, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
-        let unbiased = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
         let device = x.device();
         let mean = Tensor::from_vec(stats.mean, self.gamma.dim(0)?, device)?;
         let var = Tensor::from_vec(stats.var, self.gamma.dim(0)?, device)?;
-        self.update_running(&mean, &var, unbiased)?;
+        self.update_running(&mean, &var, unbiased(n * h * w))?;
         Ok(y)
     }
 
@@ -98,7 +154,6 @@ impl BatchNormRelu {
                 .broadcast_add(&channel(&shift)?);
         }
         let (n, _, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
         let mean = x.mean_keepdim((0, 2, 3))?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -107,19 +162,9 @@ impl BatchNormRelu {
         let y = centred
             .broadcast_mul(&scale)?
             .broadcast_add(&channel(self.beta.as_tensor())?)?;
-
-        let unbiased = if count > 1.0 {
-            count / (count - 1.0)
-        } else {
-            1.0
-        };
         let mean = mean.detach().flatten_all()?;
         let var = var.detach().flatten_all()?;
-        self.running_mean
-            .set(&((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?)?;
-        self.running_var.set(
-            &((self.running_var.as_tensor() * (1.0 - MOMENTUM))? + (var * (MOMENTUM * unbiased))?)?,
-        )?;
+        self.update_running(&mean, &var, unbiased(n * h * w))?;
         Ok(y)
     }
 }

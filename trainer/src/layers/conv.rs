@@ -1,7 +1,7 @@
 //! A convolution padded "same": odd filters centred on each pixel, so that stride `s` maps a
 //! side of `n` pixels to `ceil(n / s)` whatever the filter size (§3.2's shapes depend only on
-//! strides and channels). On the CPU it runs as im2col + GEMM (`layers::cpu::conv`);
-//! elsewhere as Candle's convolution.
+//! strides and channels). On the CPU it runs as im2col + GEMM (`layers::cpu::conv`), on
+//! CUDA as im2col + cuBLAS (`layers::gpu::conv`), elsewhere as Candle's convolution.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -40,7 +40,20 @@ impl Conv2d {
         })
     }
 
+    pub(crate) fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    pub(crate) fn bias(&self) -> &Var {
+        &self.bias
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_on(x, super::path(x.device()))
+    }
+
+    /// The forward pass on a chosen path (the tests and `layers::gpu::check` compare them).
+    pub fn forward_on(&self, x: &Tensor, path: super::Path) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let (_, _, fh, fw) = self.weight.dims4()?;
         // Taps further than (side - 1) from the centre only ever meet padding: a filter larger
@@ -54,25 +67,35 @@ impl Conv2d {
             .narrow(2, (fh - kh) / 2, kh)?
             .narrow(3, (fw - kw) / 2, kw)?;
         let (ph, pw) = ((kh - 1) / 2, (kw - 1) / 2);
-        if x.device().is_cpu() {
-            let op = super::cpu::conv::Conv2d {
-                geometry: super::cpu::conv::Geometry {
-                    stride: self.stride,
-                    pad_h: ph,
-                    pad_w: pw,
-                },
-            };
-            return x
-                .contiguous()?
-                .apply_op3(&weight.contiguous()?, self.bias.as_tensor(), op);
+        let geometry = super::cpu::conv::Geometry {
+            stride: self.stride,
+            pad_h: ph,
+            pad_w: pw,
+        };
+        match path {
+            super::Path::Cpu => x.contiguous()?.apply_op3(
+                &weight.contiguous()?,
+                self.bias.as_tensor(),
+                super::cpu::conv::Conv2d { geometry },
+            ),
+            // The images (a tensor without gradient) need no input gradient.
+            super::Path::Gpu => {
+                super::gpu::conv::conv2d(x, &weight, self.bias.as_tensor(), geometry, x.track_op())
+            }
+            super::Path::Composed => self.composed(x, &weight, ph, pw),
         }
+    }
+
+    /// The convolution from Candle's operations: the reference the kernels are checked
+    /// against, and the path of devices without kernels of ours.
+    fn composed(&self, x: &Tensor, weight: &Tensor, ph: usize, pw: usize) -> Result<Tensor> {
         let y = if ph == pw {
-            x.conv2d(&weight, ph, self.stride, 1, 1)?
+            x.conv2d(weight, ph, self.stride, 1, 1)?
         } else {
             // Candle pads both sides by one amount; pad the input ourselves when they differ.
             x.pad_with_zeros(2, ph, ph)?
                 .pad_with_zeros(3, pw, pw)?
-                .conv2d(&weight, 0, self.stride, 1, 1)?
+                .conv2d(weight, 0, self.stride, 1, 1)?
         };
         y.broadcast_add(&self.bias.as_tensor().reshape((1, (), 1, 1))?)
     }

@@ -29,7 +29,7 @@ fn dims(layout: &Layout) -> Result<(usize, usize, usize)> {
 
 /// Mean and biased variance of every channel of `x` [n, c, plane]: two passes, f32 lanes
 /// within a plane and f64 across planes.
-fn statistics(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn statistics(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f32>, Vec<f32>) {
     let count = (n * plane) as f64;
     let per_channel: Vec<(f32, f32)> = (0..c)
         .into_par_iter()
@@ -47,7 +47,13 @@ fn statistics(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f32>, Vec<f32
 }
 
 /// y = relu(x · scale[c] + shift[c]), planes in parallel.
-fn scale_shift_relu(x: &[f32], c: usize, plane: usize, scale: &[f32], shift: &[f32]) -> Vec<f32> {
+pub(crate) fn scale_shift_relu(
+    x: &[f32],
+    c: usize,
+    plane: usize,
+    scale: &[f32],
+    shift: &[f32],
+) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     y.par_chunks_mut(plane)
         .zip(x.par_chunks(plane))
@@ -158,9 +164,23 @@ impl CustomOp3 for BatchNormReluTrain {
 }
 
 /// The backward pass, from (x, y, dy): dx, dgamma and dbeta packed into one vector.
-struct Backward {
+pub(crate) struct Backward {
     stats: BatchStats,
     gamma: Vec<f32>,
+}
+
+impl Backward {
+    /// `var` is not used by the backward pass.
+    pub(crate) fn new(mean: Vec<f32>, inv_std: Vec<f32>, gamma: Vec<f32>) -> Self {
+        Self {
+            stats: BatchStats {
+                mean,
+                var: Vec::new(),
+                inv_std,
+            },
+            gamma,
+        }
+    }
 }
 
 impl CustomOp3 for Backward {
