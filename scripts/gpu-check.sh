@@ -21,6 +21,7 @@ $py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >
 log "check-ops"
 timeout 120 $t check-ops --device cuda > "$out/check-ops.txt" 2> "$out/check-ops.log"
 echo "check-ops exit $?" >> "$out/check-ops.txt"
+grep -v "^ok" "$out/check-ops.txt"
 
 # 1. Candle against PyTorch eager on the same GPU: the three reference DNAs, batch 50 and 256,
 #    float32, with per-operation times; then the same with Candle's composed operations (what
@@ -30,6 +31,9 @@ for b in 50 256; do
   timeout 150 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
     > "$out/bench-b$b.txt" 2> "$out/bench-b$b.log"
 done
+log "bench batch 256, one GEMM per convolution pass (no sample groups)"
+CAMBRIAN_CONV_GROUPS=1 timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops \
+  > "$out/bench-b256-one-group.txt" 2>> "$out/bench-b256.log"
 log "bench batch 256, composed ops, PyTorch TF32"
 timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops --composed \
   > "$out/bench-b256-composed.txt" 2>> "$out/bench-b256.log"
@@ -97,3 +101,9 @@ rm -rf /tmp/gpu-evolution
 timeout 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
   > "$out/evolution.txt" 2> "$out/evolution.log"
 log "done"
+# Everything that matters in one place (the device tool returns a limited number of files).
+for f in check-ops.txt bench-b50.txt bench-b256.txt bench-b256-one-group.txt bench-b256-composed.txt \
+         bench-b256-torch-tf32.txt utilisation.txt evolution.txt; do
+  echo "### $f"; grep -v "^ok" "$out/$f" 2>/dev/null
+done > "$out/summary.txt"
+cat "$out/summary.txt"

@@ -246,6 +246,9 @@ struct BenchArgs {
     /// to measure what the kernels gain.
     #[arg(long)]
     composed: bool,
+    /// TF32 matrix products (CUDA), as `spec.training.tf32` allows in training.
+    #[arg(long)]
+    tf32: bool,
 }
 
 #[derive(Args)]
@@ -498,6 +501,12 @@ fn check_ops_command(args: CheckOpsArgs) -> Result<()> {
 fn bench_command(args: BenchArgs) -> Result<()> {
     let device = cli::device(&args.device)?;
     trainer::layers::use_composed_only(args.composed);
+    if args.tf32 {
+        if !device.is_cuda() {
+            bail!("--tf32 needs a CUDA device");
+        }
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let mut dnas = Vec::new();
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&args.dnas)
         .with_context(|| format!("reading the reference DNA folder {}", args.dnas.display()))?
@@ -524,6 +533,9 @@ fn bench_command(args: BenchArgs) -> Result<()> {
     let mut report = bench::run(&dnas, &config, &device, args.ops)?;
     if args.composed {
         report.implementation.push_str(" (composed ops)");
+    }
+    if args.tf32 {
+        report.implementation.push_str(" tf32");
     }
     let reference = match &args.torch {
         None => None,

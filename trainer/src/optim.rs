@@ -8,8 +8,10 @@
 //! ```
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::Optimizer;
+
+use crate::layers::{cpu::contiguous, path, Path};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdConfig {
@@ -58,6 +60,30 @@ impl Optimizer for Sgd {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
+            if path(var.device()) != Path::Composed && momentum != 0.0 {
+                // Two fused in-place passes instead of seven tensor operations per variable:
+                // at batch 50 on a GPU, the composed update took a quarter of the step.
+                let v = match velocity.take() {
+                    Some(v) => v,
+                    None => var.as_tensor().zeros_like()?,
+                };
+                v.inplace_op3(
+                    &grad.contiguous()?,
+                    var.as_tensor(),
+                    &Velocity {
+                        momentum: momentum as f32,
+                        weight_decay: weight_decay as f32,
+                    },
+                )?;
+                var.as_tensor().inplace_op2(
+                    &v,
+                    &Descent {
+                        learning_rate: learning_rate as f32,
+                    },
+                )?;
+                *velocity = Some(v);
+                continue;
+            }
             // Detached: the velocity outlives the step, and a tensor that remembered how it
             // was computed would keep every earlier step's tensors alive with it.
             let w = var.as_tensor().detach();
@@ -83,6 +109,126 @@ impl Optimizer for Sgd {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.config.learning_rate = lr;
+    }
+}
+
+/// v = momentum·v + (g + weight_decay·w), in place on v; arguments (v; g, w).
+struct Velocity {
+    momentum: f32,
+    weight_decay: f32,
+}
+
+impl InplaceOp3 for Velocity {
+    fn name(&self) -> &'static str {
+        "cambrian-sgd-velocity"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let g = contiguous(s2, l2, "gradient")?;
+        let w = contiguous(s3, l3, "weights")?;
+        let v = contiguous_mut(s1, l1, "velocity")?;
+        for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
+            *v = self.momentum * *v + (g + self.weight_decay * w);
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use crate::layers::gpu::cuda::{elementwise, launch, u32_of, view, view_mut};
+        let device = s1.device.clone();
+        let g = view(s2, l2, "gradient")?;
+        let w = view(s3, l3, "weights")?;
+        let n = u32_of(l1.shape().elem_count(), "velocity")?;
+        let mut v = view_mut(s1, l1, "velocity")?;
+        launch!(
+            device,
+            "sgd_velocity",
+            elementwise(n as usize),
+            &mut v,
+            &g,
+            &w,
+            &n,
+            &self.momentum,
+            &self.weight_decay
+        );
+        Ok(())
+    }
+}
+
+/// w = w − learning_rate·v, in place on w; arguments (w; v).
+struct Descent {
+    learning_rate: f32,
+}
+
+impl InplaceOp2 for Descent {
+    fn name(&self) -> &'static str {
+        "cambrian-sgd-descent"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let v = contiguous(s2, l2, "velocity")?;
+        let w = contiguous_mut(s1, l1, "weights")?;
+        for (w, &v) in w.iter_mut().zip(v) {
+            *w -= self.learning_rate * v;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        use crate::layers::gpu::cuda::{elementwise, launch, u32_of, view, view_mut};
+        let device = s1.device.clone();
+        let v = view(s2, l2, "velocity")?;
+        let n = u32_of(l1.shape().elem_count(), "weights")?;
+        let mut w = view_mut(s1, l1, "weights")?;
+        launch!(
+            device,
+            "sgd_descent",
+            elementwise(n as usize),
+            &mut w,
+            &v,
+            &n,
+            &self.learning_rate
+        );
+        Ok(())
+    }
+}
+
+/// The f32 data of a contiguous tensor, to update in place.
+fn contiguous_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what}: only f32 tensors are supported");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 

@@ -80,7 +80,7 @@ impl Conv2d {
             ),
             // The images (a tensor without gradient) need no input gradient.
             super::Path::Gpu => {
-                super::gpu::conv::conv2d(x, &weight, self.bias.as_tensor(), geometry, x.track_op())
+                super::gpu::conv::conv2d(x, &weight, self.bias.as_tensor(), geometry, x.track_op(), None)
             }
             super::Path::Composed => self.composed(x, &weight, ph, pw),
         }

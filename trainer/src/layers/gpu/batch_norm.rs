@@ -39,22 +39,17 @@ impl CustomOp1 for Statistics {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{int, launch, output, per_channel, view, wrap};
+        use super::cuda::{launch, output, per_channel, per_channel_combine, u32_of, view, wrap};
         let device = &storage.device;
         let x = view(storage, layout, "batch norm input")?;
         let (n, c, plane) = dims(layout)?;
+        u32_of(n * c * plane, "batch norm elements")?;
+        let (grid, parts) = per_channel(c, n * plane);
+        let partial = output(device, 3 * c * parts as usize)?;
         let out = output(device, 2 * c)?;
-        let (n_, c_, plane_) = (int(n, "batch")?, int(c, "channels")?, int(plane, "plane")?);
-        launch!(
-            device,
-            "bn_stats",
-            per_channel(c),
-            &x,
-            &out,
-            &n_,
-            &c_,
-            &plane_
-        );
+        let (n_, c_, plane_) = (n as u32, c as u32, plane as u32);
+        launch!(device, "bn_stats_partial", grid, &x, &partial, &n_, &c_, &plane_, &parts);
+        launch!(device, "bn_stats_combine", per_channel_combine(c), &partial, &out, &c_, &parts);
         Ok((wrap(out, device), Shape::from((2, c))))
     }
 }
@@ -141,13 +136,13 @@ fn scale_shift_relu_cuda(
     scale: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
     shift: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
-    use super::cuda::{elementwise, int, launch, output, view, wrap};
+    use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
     let device = &storage.device;
     let x = view(storage, layout, "batch norm input")?;
     let (_, c, plane) = dims(layout)?;
     let elements = layout.shape().elem_count();
     let out = output(device, elements)?;
-    let (elements_, c_, plane_) = (elements as i64, int(c, "channels")?, int(plane, "plane")?);
+    let (elements_, c_, plane_) = (u32_of(elements, "batch norm elements")?, c as u32, plane as u32);
     launch!(
         device,
         "scale_shift_relu",
@@ -203,31 +198,48 @@ impl CustomOp3 for Backward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, int, launch, output, per_channel, view, with_tensor, wrap};
+        use super::cuda::{
+            elementwise, launch, output, per_channel, per_channel_combine, u32_of, view,
+            with_tensor, wrap,
+        };
         let device = &s1.device;
         let x = view(s1, l1, "batch norm input")?;
         let y = view(s2, l2, "batch norm output")?;
         let dy = view(s3, l3, "batch norm output gradient")?;
         let (n, c, plane) = dims(l1)?;
         let elements = n * c * plane;
+        let elements_ = u32_of(elements + 2 * c, "batch norm elements")? - 2 * c as u32;
+        let (grid, parts) = per_channel(c, n * plane);
+        let partial = output(device, 2 * c * parts as usize)?;
         let out = output(device, elements + 2 * c)?;
-        let (n_, c_, plane_) = (int(n, "batch")?, int(c, "channels")?, int(plane, "plane")?);
+        let (n_, c_, plane_) = (n as u32, c as u32, plane as u32);
         with_tensor(&self.mean, "batch mean", |mean| {
             with_tensor(&self.inv_std, "batch inverse deviation", |inv_std| {
                 with_tensor(&self.gamma, "batch norm gamma", |gamma| {
                     launch!(
                         device,
-                        "bn_backward_sums",
-                        per_channel(c),
+                        "bn_backward_partial",
+                        grid,
                         &x,
                         &y,
                         &dy,
                         &mean,
-                        &inv_std,
-                        &out,
+                        &partial,
                         &n_,
                         &c_,
-                        &plane_
+                        &plane_,
+                        &parts
+                    );
+                    launch!(
+                        device,
+                        "bn_backward_combine",
+                        per_channel_combine(c),
+                        &partial,
+                        &inv_std,
+                        &out,
+                        &elements_,
+                        &c_,
+                        &parts
                     );
                     launch!(
                         device,

@@ -121,6 +121,44 @@ fn convolution(
             GRADIENT_TOLERANCE,
         )?);
     }
+    // Without sample groups (one GEMM per pass), where the filter fits the image unnarrowed.
+    let (kh, kw) = filter;
+    if kh < 2 * input.2 && kw < 2 * input.3 {
+        let geometry = crate::layers::cpu::conv::Geometry {
+            stride,
+            pad_h: (kh - 1) / 2,
+            pad_w: (kw - 1) / 2,
+        };
+        let y = super::conv::conv2d(
+            x.as_tensor(),
+            conv.weight().as_tensor(),
+            conv.bias().as_tensor(),
+            geometry,
+            true,
+            Some(1),
+        )?;
+        out.push(compare(
+            format!("{name}: output, one group"),
+            &y,
+            &reference,
+            FORWARD_TOLERANCE,
+        )?);
+        let grads = (&y * &probe)?.sum_all()?.backward()?;
+        for (what, tensor) in [
+            ("input gradient", x.as_tensor()),
+            ("weight gradient", conv.weight().as_tensor()),
+        ] {
+            let (Some(a), Some(b)) = (grads.get(tensor), g_ref.get(tensor)) else {
+                candle_core::bail!("{name}: no {what} with one group");
+            };
+            out.push(compare(
+                format!("{name}: {what}, one group"),
+                a,
+                b,
+                GRADIENT_TOLERANCE,
+            )?);
+        }
+    }
     // The images of a first layer have no gradient: the path must skip it and still give
     // the weight gradient.
     let images = Tensor::randn(0f32, 1., input, device)?;

@@ -1,13 +1,17 @@
-//! Convolution for the GPU as im2col + one cuBLAS GEMM per pass, the three passes sharing one
-//! column matrix:
+//! Convolution for the GPU as im2col + cuBLAS GEMMs, the three passes sharing one column
+//! matrix. The samples are split into G groups, and each pass is one batched GEMM over them:
 //!
 //! ```text
-//! cols  = im2col(x)                 [K, N·P]       K = Cin·kh·kw, P = Hout·Wout
-//! Y'    = W · cols                  [Cout, N·P]    then to NCHW, plus the bias
-//! dW    = dY' · colsᵀ               [Cout, K]      dY' = dy as [Cout, N·P]
+//! cols  = im2col(x)                 [G, K, N/G·P]     K = Cin·kh·kw, P = Hout·Wout
+//! Y'    = W · cols                  [G, Cout, N/G·P]  then to NCHW, plus the bias
+//! dW    = Σg dY'[g] · cols[g]ᵀ      [Cout, K]         dY' = dy in Y''s layout
 //! dx    = col2im(Wᵀ · dY')          [N, Cin, H, W]
-//! db    = Σ dY' over its rows
+//! db    = Σ dY' over groups and columns
 //! ```
+//!
+//! Without groups, the weight gradient is a single GEMM with a small output (Cout×K) and a huge
+//! inner dimension (N·P), which cuBLAS runs on a few of the GPU's SMs; with G of them there
+//! are G times as many output tiles, and the G partial sums are added by one more small GEMM.
 //!
 //! Candle's CUDA backward computed the input gradient with a naive transposed-convolution
 //! kernel (5–7 ms against cuDNN's 0.3–0.5 ms on an H200) and the weight gradient as a
@@ -21,68 +25,103 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use crate::layers::cpu::contiguous;
 use crate::layers::cpu::conv::Geometry;
 
-/// The sizes of one convolution.
+/// The sizes of one convolution, as the kernels take them (`Conv` in kernels.cu).
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct Dims {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    g: Geometry,
+    n: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    kh: u32,
+    kw: u32,
+    oh: u32,
+    ow: u32,
+    stride: u32,
+    pad_h: u32,
+    pad_w: u32,
+    groups: u32,
 }
 
+// SAFETY: a plain `repr(C)` struct of u32, laid out as `struct Conv` in kernels.cu.
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Dims {}
+
 impl Dims {
-    fn columns(&self) -> usize {
-        self.n * self.oh * self.ow
+    fn n(&self) -> usize {
+        self.n as usize
+    }
+
+    fn groups(&self) -> usize {
+        self.groups as usize
     }
 
     fn taps(&self) -> usize {
-        self.cin * self.kh * self.kw
+        (self.cin * self.kh * self.kw) as usize
     }
 
-    /// The input pixel tap (channel, ky, kx) of output column (sample, oy, ox) reads, if it
-    /// is inside the image.
-    fn source(&self, tap: usize, column: usize) -> Option<usize> {
-        let (kx, ky, channel) = (
-            tap % self.kw,
-            (tap / self.kw) % self.kh,
-            tap / (self.kh * self.kw),
-        );
-        let (ox, oy, sample) = (
-            column % self.ow,
-            (column / self.ow) % self.oh,
-            column / (self.ow * self.oh),
-        );
-        let iy = (oy * self.g.stride + ky).checked_sub(self.g.pad_h)?;
-        let ix = (ox * self.g.stride + kx).checked_sub(self.g.pad_w)?;
-        (iy < self.h && ix < self.w)
-            .then(|| ((sample * self.cin + channel) * self.h + iy) * self.w + ix)
+    /// Columns of one group: its samples' output pixels.
+    fn group_columns(&self) -> usize {
+        self.n() / self.groups() * (self.oh * self.ow) as usize
     }
 
-    #[cfg(feature = "cuda")]
-    fn kernel_args(&self) -> Result<[i32; 11]> {
-        use super::cuda::int;
-        Ok([
-            int(self.n, "batch")?,
-            int(self.cin, "channels")?,
-            int(self.h, "height")?,
-            int(self.w, "width")?,
-            int(self.kh, "filter height")?,
-            int(self.kw, "filter width")?,
-            int(self.oh, "output height")?,
-            int(self.ow, "output width")?,
-            int(self.g.stride, "stride")?,
-            int(self.g.pad_h, "padding")?,
-            int(self.g.pad_w, "padding")?,
-        ])
+    fn input_len(&self) -> usize {
+        (self.n * self.cin * self.h * self.w) as usize
+    }
+
+    fn cols_len(&self) -> usize {
+        self.groups() * self.taps() * self.group_columns()
+    }
+
+    /// The input element that element `i` of the column matrix reads, if it is inside the
+    /// image (`conv_source` in kernels.cu).
+    fn source(&self, i: usize) -> Option<usize> {
+        let (taps, columns) = (self.taps(), self.group_columns());
+        let group = i / (taps * columns);
+        let rest = i - group * taps * columns;
+        let tap = rest / columns;
+        let column = group * columns + (rest - tap * columns);
+        let (kw, kh, ow, oh) = (
+            self.kw as usize,
+            self.kh as usize,
+            self.ow as usize,
+            self.oh as usize,
+        );
+        let (kx, ky, channel) = (tap % kw, (tap / kw) % kh, tap / (kh * kw));
+        let (ox, oy, sample) = (column % ow, (column / ow) % oh, column / (ow * oh));
+        let iy = (oy * self.stride as usize + ky).checked_sub(self.pad_h as usize)?;
+        let ix = (ox * self.stride as usize + kx).checked_sub(self.pad_w as usize)?;
+        let (h, w) = (self.h as usize, self.w as usize);
+        (iy < h && ix < w).then(|| ((sample * self.cin as usize + channel) * h + iy) * w + ix)
     }
 }
 
-/// The columns of x [n, cin, h, w] for a (kh, kw) filter: [cin·kh·kw, n·oh·ow].
+/// The number of sample groups. Measured on an H200 at batch 256 (`trainer bench --ops`):
+/// grouping helped the first layer's weight gradient (Cout×K = 64×27, one 64×64 output tile:
+/// 0.44 ms in 256 groups against 0.72 ms in one) and hurt layers with 18 or more tiles
+/// (64→128: 1.58 against 1.39 ms; 128→256: 1.08 against 0.96 ms). So only outputs of fewer
+/// than 8 tiles are grouped, into about 256 tiles in all, as a divisor of the batch.
+/// `CAMBRIAN_CONV_GROUPS` overrides the choice (1: never group).
+fn groups_for(n: usize, cout: usize, taps: usize) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *OVERRIDE.get_or_init(|| {
+        std::env::var("CAMBRIAN_CONV_GROUPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let tiles = cout.div_ceil(64) * taps.div_ceil(64);
+    let target = match forced {
+        Some(g) => g,
+        None if tiles < 8 => 256 / tiles,
+        None => 1,
+    };
+    (1..=n.min(target.max(1)))
+        .rev()
+        .find(|g| n % g == 0)
+        .unwrap_or(1)
+}
+
+/// The columns of x [n, cin, h, w] for a (kh, kw) filter: [groups, cin·kh·kw, n/groups·oh·ow].
 struct Im2Col {
     dims: Dims,
 }
@@ -95,16 +134,10 @@ impl CustomOp1 for Im2Col {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(storage, layout, "convolution input")?;
         let d = self.dims;
-        let (taps, columns) = (d.taps(), d.columns());
-        let mut cols = vec![0f32; taps * columns];
-        for (tap, row) in cols.chunks_mut(columns).enumerate() {
-            for (column, v) in row.iter_mut().enumerate() {
-                if let Some(at) = d.source(tap, column) {
-                    *v = x[at];
-                }
-            }
-        }
-        Ok((CpuStorage::F32(cols), Shape::from((taps, columns))))
+        let cols: Vec<f32> = (0..d.cols_len())
+            .map(|i| d.source(i).map_or(0.0, |at| x[at]))
+            .collect();
+        Ok((CpuStorage::F32(cols), self.shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -113,37 +146,26 @@ impl CustomOp1 for Im2Col {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch, output, view, wrap};
+        use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
         let device = &storage.device;
         let x = view(storage, layout, "convolution input")?;
         let d = self.dims;
-        let (taps, columns) = (d.taps(), d.columns());
-        let out = output(device, taps * columns)?;
-        let [n, ci, h, w, kh, kw, oh, ow, s, ph, pw] = d.kernel_args()?;
-        launch!(
-            device,
-            "im2col",
-            elementwise(taps * columns),
-            &x,
-            &out,
-            &n,
-            &ci,
-            &h,
-            &w,
-            &kh,
-            &kw,
-            &oh,
-            &ow,
-            &s,
-            &ph,
-            &pw
-        );
-        Ok((wrap(out, device), Shape::from((taps, columns))))
+        let len = u32_of(d.cols_len(), "column matrix")? as usize;
+        let out = output(device, len)?;
+        launch!(device, "im2col", elementwise(len), &x, &out, &d);
+        Ok((wrap(out, device), self.shape()))
     }
 }
 
-/// The adjoint of [`Im2Col`]: column gradients [cin·kh·kw, n·oh·ow] summed back into the
-/// input's shape [n, cin, h, w].
+impl Im2Col {
+    fn shape(&self) -> Shape {
+        let d = self.dims;
+        Shape::from((d.groups(), d.taps(), d.group_columns()))
+    }
+}
+
+/// The adjoint of [`Im2Col`]: column gradients (im2col's shape) summed back into the input's
+/// shape [n, cin, h, w].
 struct Col2Im {
     dims: Dims,
 }
@@ -156,16 +178,13 @@ impl CustomOp1 for Col2Im {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dcols = contiguous(storage, layout, "column gradient")?;
         let d = self.dims;
-        let columns = d.columns();
-        let mut dx = vec![0f32; d.n * d.cin * d.h * d.w];
-        for (tap, row) in dcols.chunks(columns).enumerate() {
-            for (column, &v) in row.iter().enumerate() {
-                if let Some(at) = d.source(tap, column) {
-                    dx[at] += v;
-                }
+        let mut dx = vec![0f32; d.input_len()];
+        for (i, &v) in dcols.iter().enumerate() {
+            if let Some(at) = d.source(i) {
+                dx[at] += v;
             }
         }
-        Ok((CpuStorage::F32(dx), Shape::from((d.n, d.cin, d.h, d.w))))
+        Ok((CpuStorage::F32(dx), self.shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -174,41 +193,30 @@ impl CustomOp1 for Col2Im {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch, output, view, wrap};
+        use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
         let device = &storage.device;
         let dcols = view(storage, layout, "column gradient")?;
         let d = self.dims;
-        let elements = d.n * d.cin * d.h * d.w;
-        let out = output(device, elements)?;
-        let [n, ci, h, w, kh, kw, oh, ow, s, ph, pw] = d.kernel_args()?;
-        launch!(
-            device,
-            "col2im",
-            elementwise(elements),
-            &dcols,
-            &out,
-            &n,
-            &ci,
-            &h,
-            &w,
-            &kh,
-            &kw,
-            &oh,
-            &ow,
-            &s,
-            &ph,
-            &pw
-        );
-        Ok((wrap(out, device), Shape::from((d.n, d.cin, d.h, d.w))))
+        let len = u32_of(d.input_len(), "convolution input")? as usize;
+        let out = output(device, len)?;
+        launch!(device, "col2im", elementwise(len), &dcols, &out, &d);
+        Ok((wrap(out, device), self.shape()))
+    }
+}
+
+impl Col2Im {
+    fn shape(&self) -> Shape {
+        let d = self.dims;
+        Shape::from((d.n(), d.cin as usize, d.h as usize, d.w as usize))
     }
 }
 
 /// The convolution's output from (x, W, b): Y' (computed before, without gradient) moved to
-/// NCHW plus the bias; its backward pass is the module's three GEMMs.
+/// NCHW plus the bias; its backward pass is the module's GEMMs.
 struct Convolution {
     dims: Dims,
     cout: usize,
-    /// Y' [cout, n·oh·ow].
+    /// Y' [groups, cout, n/groups·oh·ow].
     product: Tensor,
     /// im2col(x), for the weight gradient.
     cols: Tensor,
@@ -231,11 +239,15 @@ impl CustomOp3 for Convolution {
     ) -> Result<(CpuStorage, Shape)> {
         let bias = contiguous(s3, l3, "convolution bias")?;
         let product = self.product.flatten_all()?.to_vec1::<f32>()?;
-        let (n, cout, plane) = (self.dims.n, self.cout, self.dims.oh * self.dims.ow);
+        let d = self.dims;
+        let (n, cout, plane) = (d.n(), self.cout, (d.oh * d.ow) as usize);
+        let per_group = n / d.groups();
         let mut y = vec![0f32; n * cout * plane];
+        // `rows_to_nchw` in kernels.cu.
         for (i, v) in y.iter_mut().enumerate() {
             let (p, c, s) = (i % plane, (i / plane) % cout, i / (plane * cout));
-            *v = product[(c * n + s) * plane + p] + bias[c];
+            let (group, local) = (s / per_group, s % per_group);
+            *v = product[(group * cout + c) * per_group * plane + local * plane + p] + bias[c];
         }
         Ok((CpuStorage::F32(y), self.shape()))
     }
@@ -250,16 +262,14 @@ impl CustomOp3 for Convolution {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, int, launch, output, view, with_tensor, wrap};
+        use super::cuda::{elementwise, launch, output, u32_of, view, with_tensor, wrap};
         let device = &s1.device;
         let bias = view(s3, l3, "convolution bias")?;
         let elements = self.shape().elem_count();
+        u32_of(elements, "convolution output")?;
         let out = output(device, elements)?;
-        let (n, cout, plane) = (
-            int(self.dims.n, "batch")?,
-            int(self.cout, "channels")?,
-            int(self.dims.oh * self.dims.ow, "plane")?,
-        );
+        let d = self.dims;
+        let (cout, plane) = (self.cout as u32, d.oh * d.ow);
         with_tensor(&self.product, "convolution product", |product| {
             launch!(
                 device,
@@ -268,9 +278,10 @@ impl CustomOp3 for Convolution {
                 &product,
                 &bias,
                 &out,
-                &n,
+                &d.n,
                 &cout,
-                &plane
+                &plane,
+                &d.groups
             );
             Ok(())
         })?;
@@ -286,16 +297,32 @@ impl CustomOp3 for Convolution {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims;
-        // dY' [cout, n·oh·ow]: one copy, shared by all three gradients.
+        let (groups, cout, taps) = (d.groups(), self.cout, d.taps());
+        // dY' in Y''s layout [groups, cout, n/groups·oh·ow]: one copy, shared by all three
+        // gradients.
         let dyt = dy
-            .transpose(0, 1)?
+            .reshape((groups, d.n() / groups, cout, (d.oh * d.ow) as usize))?
+            .transpose(1, 2)?
             .contiguous()?
-            .reshape((self.cout, d.columns()))?;
-        let dw = dyt.matmul(&self.cols.t()?)?.reshape(w.shape())?;
-        let db = dyt.sum(1)?;
+            .reshape((groups, cout, d.group_columns()))?;
+        let partial = dyt.matmul(&self.cols.transpose(1, 2)?)?;
+        let dw = if groups == 1 {
+            partial
+        } else {
+            // Σ over groups as a GEMM: a reduction over the leading dimension would walk
+            // memory with a stride of cout·K.
+            Tensor::ones((1, groups), partial.dtype(), partial.device())?
+                .matmul(&partial.reshape((groups, cout * taps))?)?
+        };
+        let dw = dw.reshape(w.shape())?;
+        let db = dyt.sum(2)?.sum(0)?;
         let dx = if self.input_grad {
-            let w2 = w.detach().reshape((self.cout, d.taps()))?;
-            let dcols = w2.t()?.matmul(&dyt)?;
+            let wt = w
+                .detach()
+                .reshape((1, cout, taps))?
+                .transpose(1, 2)?
+                .broadcast_as((groups, taps, cout))?;
+            let dcols = wt.matmul(&dyt)?;
             Some(dcols.apply_op1_no_bwd(&Col2Im { dims: d })?)
         } else {
             None
@@ -306,19 +333,33 @@ impl CustomOp3 for Convolution {
 
 impl Convolution {
     fn shape(&self) -> Shape {
-        Shape::from((self.dims.n, self.cout, self.dims.oh, self.dims.ow))
+        let d = self.dims;
+        Shape::from((d.n(), self.cout, d.oh as usize, d.ow as usize))
     }
 }
 
+/// Whether convolutions go through cuDNN (`CAMBRIAN_CONV=cudnn`, in a build with the `cudnn`
+/// feature) rather than im2col + cuBLAS.
+#[cfg(feature = "cudnn")]
+fn cudnn_selected() -> bool {
+    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| std::env::var("CAMBRIAN_CONV").is_ok_and(|v| v == "cudnn"))
+}
+
 /// y = conv(x, weight) + bias with explicit zero padding per side; `input_grad` false when
-/// nothing needs the gradient of `x`.
+/// nothing needs the gradient of `x`; `groups` None to choose the sample groups by shape.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     g: Geometry,
     input_grad: bool,
+    groups: Option<usize>,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cudnn")]
+    if groups.is_none() && x.device().is_cuda() && cudnn_selected() {
+        return super::cudnn::conv2d(x, weight, bias, g, input_grad);
+    }
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let (n, cin, h, w) = x.dims4()?;
@@ -329,21 +370,32 @@ pub fn conv2d(
     if h + 2 * g.pad_h < kh || w + 2 * g.pad_w < kw || g.stride == 0 {
         candle_core::bail!("conv2d: a {kh}x{kw} filter does not fit a padded {h}x{w} input");
     }
+    let groups = groups.unwrap_or_else(|| groups_for(n, cout, cin * kh * kw));
+    if groups == 0 || n % groups != 0 {
+        candle_core::bail!("conv2d: {groups} groups do not divide a batch of {n}");
+    }
+    let small = |v: usize| {
+        u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("conv2d: size {v} too large")))
+    };
     let dims = Dims {
-        n,
-        cin,
-        h,
-        w,
-        kh,
-        kw,
-        oh: (h + 2 * g.pad_h - kh) / g.stride + 1,
-        ow: (w + 2 * g.pad_w - kw) / g.stride + 1,
-        g,
+        n: small(n)?,
+        cin: small(cin)?,
+        h: small(h)?,
+        w: small(w)?,
+        kh: small(kh)?,
+        kw: small(kw)?,
+        oh: small((h + 2 * g.pad_h - kh) / g.stride + 1)?,
+        ow: small((w + 2 * g.pad_w - kw) / g.stride + 1)?,
+        stride: small(g.stride)?,
+        pad_h: small(g.pad_h)?,
+        pad_w: small(g.pad_w)?,
+        groups: small(groups)?,
     };
     let cols = x.apply_op1_no_bwd(&Im2Col { dims })?;
     let product = weight
         .detach()
-        .reshape((cout, dims.taps()))?
+        .reshape((1, cout, dims.taps()))?
+        .broadcast_as((groups, cout, dims.taps()))?
         .matmul(&cols)?;
     x.apply_op3(
         &weight,

@@ -1,7 +1,7 @@
 //! Loading and launching the kernels of `kernels.cu` on Candle's CUDA device: the PTX is
 //! compiled by build.rs and loaded once per device (Candle caches the module by name).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
 
@@ -30,7 +30,7 @@ macro_rules! launch {
 pub(crate) use launch;
 
 /// The f32 elements of a contiguous tensor's storage.
-pub(super) fn view<'a>(
+pub(crate) fn view<'a>(
     storage: &'a CudaStorage,
     layout: &Layout,
     what: &str,
@@ -38,6 +38,19 @@ pub(super) fn view<'a>(
     let slice = storage.as_cuda_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(slice.slice(start..end)),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// The f32 elements of a contiguous tensor's storage, to update in place.
+pub(crate) fn view_mut<'a>(
+    storage: &'a mut CudaStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<CudaViewMut<'a, f32>> {
+    let slice = storage.as_cuda_slice_mut::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice_mut(start..end)),
         None => candle_core::bail!("{what} must be contiguous"),
     }
 }
@@ -68,7 +81,7 @@ pub(super) fn wrap(out: CudaSlice<f32>, device: &CudaDevice) -> CudaStorage {
 
 /// Grid-stride element-wise kernels: enough blocks of 256 to fill the GPU, never more than
 /// there are elements.
-pub(super) fn elementwise(elements: usize) -> LaunchConfig {
+pub(crate) fn elementwise(elements: usize) -> LaunchConfig {
     let blocks = elements.div_ceil(256).clamp(1, 132 * 16);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -77,16 +90,36 @@ pub(super) fn elementwise(elements: usize) -> LaunchConfig {
     }
 }
 
-/// One block per channel.
-pub(super) fn per_channel(channels: usize) -> LaunchConfig {
+/// The reductions' grid: one block per (channel, chunk of the channel's `count` elements),
+/// enough chunks for about four blocks per SM of an H100/H200 (132 SMs), but none shorter than
+/// 4,096 elements.
+pub(super) fn per_channel(channels: usize, count: usize) -> (LaunchConfig, u32) {
+    let parts = 528usize
+        .div_ceil(channels.max(1))
+        .min(count.div_ceil(4096))
+        .max(1);
+    (
+        LaunchConfig {
+            grid_dim: (channels as u32, parts as u32, 1),
+            block_dim: (REDUCTION_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        parts as u32,
+    )
+}
+
+/// One thread per channel, for combining the chunks of a reduction.
+pub(super) fn per_channel_combine(channels: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (channels as u32, 1, 1),
-        block_dim: (REDUCTION_THREADS, 1, 1),
+        grid_dim: (channels.div_ceil(128) as u32, 1, 1),
+        block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-/// Kernel sizes as the `int` the kernels take.
-pub(super) fn int(value: usize, what: &str) -> Result<i32> {
-    i32::try_from(value).map_err(|_| candle_core::Error::Msg(format!("{what} {value} exceeds i32")))
+/// Sizes as the 32-bit unsigned integers the kernels index with: a tensor of 2^32 elements
+/// or more (16 GiB of f32) is refused rather than silently wrapped.
+pub(crate) fn u32_of(value: usize, what: &str) -> Result<u32> {
+    u32::try_from(value)
+        .map_err(|_| candle_core::Error::Msg(format!("{what} {value} exceeds the kernels' 2^32")))
 }

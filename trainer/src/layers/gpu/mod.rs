@@ -10,3 +10,5 @@ pub mod check;
 pub mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cudnn")]
+mod cudnn;
