@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 5 and 6, as one script for the lent GPU machine (device tool).
 # Prepare here:
-#   scripts/build-cuda.sh                                   # .gpu/trainer, .gpu/env.sh
+#   scripts/build-cuda.sh --features cudnn                  # .gpu/trainer, .gpu/env.sh
 #   scripts/cifar-subset.sh "$(../shared/data/get-cifar10)" .gpu/cifar 1000 2000
 # then run with the device tool: command "scripts/gpu-check.sh", carry [".gpu"].
 # Results go to $OUT (or /tmp/gpu-check): the tables, JSON, nvidia-smi samples and logs.
@@ -21,7 +21,9 @@ $py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >
 log "check-ops"
 timeout 120 $t check-ops --device cuda > "$out/check-ops.txt" 2> "$out/check-ops.log"
 echo "check-ops exit $?" >> "$out/check-ops.txt"
-grep -v "^ok" "$out/check-ops.txt"
+# The cuDNN convolutions too, when the binary has them (scripts/build-cuda.sh --features cudnn).
+CAMBRIAN_CONV=cudnn timeout 120 $t check-ops --device cuda >> "$out/check-ops.txt" 2>> "$out/check-ops.log"
+echo "check-ops (CAMBRIAN_CONV=cudnn) exit $?" >> "$out/check-ops.txt"
 
 # 1. Candle against PyTorch eager on the same GPU: the three reference DNAs, batch 50 and 256,
 #    float32, with per-operation times; then the same with Candle's composed operations (what
@@ -34,11 +36,16 @@ done
 log "bench batch 256, one GEMM per convolution pass (no sample groups)"
 CAMBRIAN_CONV_GROUPS=1 timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops \
   > "$out/bench-b256-one-group.txt" 2>> "$out/bench-b256.log"
-log "bench batch 256, composed ops, PyTorch TF32"
+log "bench batch 256, composed ops; TF32 for both"
 timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops --composed \
   > "$out/bench-b256-composed.txt" 2>> "$out/bench-b256.log"
-timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --torch "$py" --torch-args=--tf32 \
-  > "$out/bench-b256-torch-tf32.txt" 2>> "$out/bench-b256.log"
+timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --tf32 --torch "$py" --torch-args=--tf32 \
+  > "$out/bench-b256-tf32.txt" 2>> "$out/bench-b256.log"
+for b in 50 256; do
+  log "bench batch $b, cuDNN convolutions"
+  CAMBRIAN_CONV=cudnn timeout 100 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops \
+    > "$out/bench-b$b-cudnn.txt" 2>> "$out/bench-b$b.log"
+done
 
 # 2. GPU utilisation with one and with four worker loops on one device (small, early models).
 cat > "$out/util.yaml" <<YAML
@@ -103,7 +110,7 @@ timeout 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$ou
 log "done"
 # Everything that matters in one place (the device tool returns a limited number of files).
 for f in check-ops.txt bench-b50.txt bench-b256.txt bench-b256-one-group.txt bench-b256-composed.txt \
-         bench-b256-torch-tf32.txt utilisation.txt evolution.txt; do
+         bench-b256-tf32.txt bench-b50-cudnn.txt bench-b256-cudnn.txt utilisation.txt evolution.txt; do
   echo "### $f"; grep -v "^ok" "$out/$f" 2>/dev/null
 done > "$out/summary.txt"
 cat "$out/summary.txt"

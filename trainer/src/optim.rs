@@ -182,7 +182,13 @@ impl InplaceOp2 for Descent {
         "cambrian-sgd-descent"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let v = contiguous(s2, l2, "velocity")?;
         let w = contiguous_mut(s1, l1, "weights")?;
         for (w, &v) in w.iter_mut().zip(v) {

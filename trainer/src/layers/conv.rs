@@ -79,9 +79,14 @@ impl Conv2d {
                 super::cpu::conv::Conv2d { geometry },
             ),
             // The images (a tensor without gradient) need no input gradient.
-            super::Path::Gpu => {
-                super::gpu::conv::conv2d(x, &weight, self.bias.as_tensor(), geometry, x.track_op(), None)
-            }
+            super::Path::Gpu => super::gpu::conv::conv2d(
+                x,
+                &weight,
+                self.bias.as_tensor(),
+                geometry,
+                x.track_op(),
+                None,
+            ),
             super::Path::Composed => self.composed(x, &weight, ph, pw),
         }
     }

@@ -48,8 +48,26 @@ impl CustomOp1 for Statistics {
         let partial = output(device, 3 * c * parts as usize)?;
         let out = output(device, 2 * c)?;
         let (n_, c_, plane_) = (n as u32, c as u32, plane as u32);
-        launch!(device, "bn_stats_partial", grid, &x, &partial, &n_, &c_, &plane_, &parts);
-        launch!(device, "bn_stats_combine", per_channel_combine(c), &partial, &out, &c_, &parts);
+        launch!(
+            device,
+            "bn_stats_partial",
+            grid,
+            &x,
+            &partial,
+            &n_,
+            &c_,
+            &plane_,
+            &parts
+        );
+        launch!(
+            device,
+            "bn_stats_combine",
+            per_channel_combine(c),
+            &partial,
+            &out,
+            &c_,
+            &parts
+        );
         Ok((wrap(out, device), Shape::from((2, c))))
     }
 }
@@ -142,7 +160,11 @@ fn scale_shift_relu_cuda(
     let (_, c, plane) = dims(layout)?;
     let elements = layout.shape().elem_count();
     let out = output(device, elements)?;
-    let (elements_, c_, plane_) = (u32_of(elements, "batch norm elements")?, c as u32, plane as u32);
+    let (elements_, c_, plane_) = (
+        u32_of(elements, "batch norm elements")?,
+        c as u32,
+        plane as u32,
+    );
     launch!(
         device,
         "scale_shift_relu",

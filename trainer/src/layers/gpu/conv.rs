@@ -117,7 +117,7 @@ fn groups_for(n: usize, cout: usize, taps: usize) -> usize {
     };
     (1..=n.min(target.max(1)))
         .rev()
-        .find(|g| n % g == 0)
+        .find(|g| n.is_multiple_of(*g))
         .unwrap_or(1)
 }
 
@@ -371,7 +371,7 @@ pub fn conv2d(
         candle_core::bail!("conv2d: a {kh}x{kw} filter does not fit a padded {h}x{w} input");
     }
     let groups = groups.unwrap_or_else(|| groups_for(n, cout, cin * kh * kw));
-    if groups == 0 || n % groups != 0 {
+    if groups == 0 || !n.is_multiple_of(groups) {
         candle_core::bail!("conv2d: {groups} groups do not divide a batch of {n}");
     }
     let small = |v: usize| {

@@ -11,12 +11,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn,
     FilterDescriptor, TensorDescriptor,
 };
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -248,7 +248,10 @@ impl CustomOp3 for Forward {
             }
         };
         run(algo)?;
-        let (c, plane) = (shape.dims()[1] as u32, (shape.dims()[2] * shape.dims()[3]) as u32);
+        let (c, plane) = (
+            shape.dims()[1] as u32,
+            (shape.dims()[2] * shape.dims()[3]) as u32,
+        );
         launch!(
             device,
             "add_channel_bias",
@@ -327,7 +330,10 @@ impl CustomOp2 for InputGradient {
         let dy = view(s1, l1, "convolution output gradient")?;
         let w = view(s2, l2, "convolution weight")?;
         let shape = Shape::from(self.dims.x);
-        let mut dx = output(device, u32_of(shape.elem_count(), "convolution input")? as usize)?;
+        let mut dx = output(
+            device,
+            u32_of(shape.elem_count(), "convolution input")? as usize,
+        )?;
         let key = key(&self.dims, self.tf32)?;
         let cudnn = handle(device)?;
         let d = descriptors(&cudnn, &key)?;
@@ -404,7 +410,10 @@ impl CustomOp2 for WeightGradient {
         let x = view(s1, l1, "convolution input")?;
         let dy = view(s2, l2, "convolution output gradient")?;
         let shape = Shape::from(self.dims.w);
-        let mut dw = output(device, u32_of(shape.elem_count(), "convolution weight")? as usize)?;
+        let mut dw = output(
+            device,
+            u32_of(shape.elem_count(), "convolution weight")? as usize,
+        )?;
         let key = key(&self.dims, self.tf32)?;
         let cudnn = handle(device)?;
         let d = descriptors(&cudnn, &key)?;
