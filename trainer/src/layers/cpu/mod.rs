@@ -1,6 +1,6 @@
 //! CPU kernels for the layers that dominate training time, as Candle custom ops with their
 //! own backward passes: convolution (im2col + GEMM) and batch norm fused with its ReLU.
-//! Their CUDA counterparts are Candle's composed operations until the GPU work replaces them.
+//! Their CUDA counterparts are in `layers::gpu`.
 
 pub mod batch_norm;
 pub mod conv;

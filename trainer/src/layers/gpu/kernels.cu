@@ -1,11 +1,12 @@
-// CUDA kernels of the GPU path (`layers::gpu`): batch norm fused with its ReLU, and the
-// im2col/col2im halves of convolution (the GEMMs are cuBLAS, through Candle's matmul).
+// CUDA kernels of the GPU path (`layers::gpu`): batch norm fused with its ReLU, the
+// im2col/col2im halves of convolution (the GEMMs are cuBLAS, through Candle's matmul), the
+// bias after a cuDNN convolution, and the fused SGD update of `optim.rs`.
 // Compiled to PTX by build.rs with the `cuda` feature; float32, contiguous NCHW. Index
 // arithmetic is 32-bit (the host refuses tensors of 2^32 elements or more): 64-bit division
 // costs several times more instructions, and these kernels are all index arithmetic and
 // memory traffic.
 //
-// Every kernel has a CPU twin in Rust with the same arithmetic: the default tests check the
+// Every layer kernel has a CPU twin in Rust with the same arithmetic: the default tests check the
 // path on the CPU, `trainer check-ops --device cuda` checks these against Candle on the GPU.
 
 typedef unsigned int u32;
