@@ -89,9 +89,8 @@ impl BatchNormRelu {
         use super::gpu::batch_norm::{Eval, Statistics, TrainForward};
         let x = x.contiguous()?;
         if !train {
-            let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
-            let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
-            return x.apply_op3_no_bwd(&scale.detach(), &shift.detach(), &Eval);
+            let (scale, shift) = self.running_scale_shift()?;
+            return x.apply_op3_no_bwd(&scale, &shift, &Eval);
         }
         let stats = x.apply_op1_no_bwd(&Statistics)?;
         let (mean, var) = (stats.get(0)?, stats.get(1)?);
@@ -116,8 +115,7 @@ impl BatchNormRelu {
     fn forward_cpu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
         if !train {
-            let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
-            let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+            let (scale, shift) = self.running_scale_shift()?;
             return x.apply_op3_no_bwd(&scale, &shift, &BatchNormReluEval);
         }
         let op = BatchNormReluTrain::new(EPS);
@@ -134,6 +132,15 @@ impl BatchNormRelu {
         Ok(y)
     }
 
+    /// Evaluation's per-channel affine map, folded from the running statistics: y = x·scale +
+    /// shift. Never differentiated.
+    fn running_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let gamma = self.gamma.as_tensor().detach();
+        let scale = (gamma / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
+        let shift = (self.beta.as_tensor().detach() - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
+    }
+
     fn update_running(&self, mean: &Tensor, var: &Tensor, unbiased: f64) -> Result<()> {
         self.running_mean
             .set(&((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean * MOMENTUM)?)?)?;
@@ -147,8 +154,7 @@ impl BatchNormRelu {
     pub fn forward_composed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
         if !train {
-            let scale = (self.gamma.as_tensor() / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
-            let shift = (self.beta.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
+            let (scale, shift) = self.running_scale_shift()?;
             return x
                 .broadcast_mul(&channel(&scale)?)?
                 .broadcast_add(&channel(&shift)?);

@@ -113,12 +113,15 @@ impl CustomOp3 for TrainForward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::with_tensor;
-        with_tensor(&self.scale, "batch norm scale", |scale| {
-            with_tensor(&self.shift, "batch norm shift", |shift| {
-                scale_shift_relu_cuda(s1, l1, &scale, &shift)
-            })
-        })
+        use super::cuda::held_view;
+        let (scale, scale_layout) = self.scale.storage_and_layout();
+        let (shift, shift_layout) = self.shift.storage_and_layout();
+        scale_shift_relu_cuda(
+            s1,
+            l1,
+            &held_view(&scale, scale_layout, "batch norm scale")?,
+            &held_view(&shift, shift_layout, "batch norm shift")?,
+        )
     }
 
     fn bwd(
@@ -221,8 +224,8 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use super::cuda::{
-            elementwise, launch, output, per_channel, per_channel_combine, u32_of, view,
-            with_tensor, wrap,
+            elementwise, held_view, launch, output, per_channel, per_channel_combine, u32_of, view,
+            wrap,
         };
         let device = &s1.device;
         let x = view(s1, l1, "batch norm input")?;
@@ -235,53 +238,52 @@ impl CustomOp3 for Backward {
         let partial = output(device, 2 * c * parts as usize)?;
         let out = output(device, elements + 2 * c)?;
         let (n_, c_, plane_) = (n as u32, c as u32, plane as u32);
-        with_tensor(&self.mean, "batch mean", |mean| {
-            with_tensor(&self.inv_std, "batch inverse deviation", |inv_std| {
-                with_tensor(&self.gamma, "batch norm gamma", |gamma| {
-                    launch!(
-                        device,
-                        "bn_backward_partial",
-                        grid,
-                        &x,
-                        &y,
-                        &dy,
-                        &mean,
-                        &partial,
-                        &n_,
-                        &c_,
-                        &plane_,
-                        &parts
-                    );
-                    launch!(
-                        device,
-                        "bn_backward_combine",
-                        per_channel_combine(c),
-                        &partial,
-                        &inv_std,
-                        &out,
-                        &elements_,
-                        &c_,
-                        &parts
-                    );
-                    launch!(
-                        device,
-                        "bn_backward_dx",
-                        elementwise(elements),
-                        &x,
-                        &y,
-                        &dy,
-                        &mean,
-                        &inv_std,
-                        &gamma,
-                        &out,
-                        &n_,
-                        &c_,
-                        &plane_
-                    );
-                    Ok(())
-                })
-            })
-        })?;
+        let (mean, mean_layout) = self.mean.storage_and_layout();
+        let (inv_std, inv_std_layout) = self.inv_std.storage_and_layout();
+        let (gamma, gamma_layout) = self.gamma.storage_and_layout();
+        let mean = held_view(&mean, mean_layout, "batch mean")?;
+        let inv_std = held_view(&inv_std, inv_std_layout, "batch inverse deviation")?;
+        let gamma = held_view(&gamma, gamma_layout, "batch norm gamma")?;
+        launch!(
+            device,
+            "bn_backward_partial",
+            grid,
+            &x,
+            &y,
+            &dy,
+            &mean,
+            &partial,
+            &n_,
+            &c_,
+            &plane_,
+            &parts
+        );
+        launch!(
+            device,
+            "bn_backward_combine",
+            per_channel_combine(c),
+            &partial,
+            &inv_std,
+            &out,
+            &elements_,
+            &c_,
+            &parts
+        );
+        launch!(
+            device,
+            "bn_backward_dx",
+            elementwise(elements),
+            &x,
+            &y,
+            &dy,
+            &mean,
+            &inv_std,
+            &gamma,
+            &out,
+            &n_,
+            &c_,
+            &plane_
+        );
         Ok((wrap(out, device), Shape::from(elements + 2 * c)))
     }
 }

@@ -262,7 +262,7 @@ impl CustomOp3 for Convolution {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch, output, u32_of, view, with_tensor, wrap};
+        use super::cuda::{elementwise, held_view, launch, output, u32_of, view, wrap};
         let device = &s1.device;
         let bias = view(s3, l3, "convolution bias")?;
         let elements = self.shape().elem_count();
@@ -270,21 +270,20 @@ impl CustomOp3 for Convolution {
         let out = output(device, elements)?;
         let d = self.dims;
         let (cout, plane) = (self.cout as u32, d.oh * d.ow);
-        with_tensor(&self.product, "convolution product", |product| {
-            launch!(
-                device,
-                "rows_to_nchw",
-                elementwise(elements),
-                &product,
-                &bias,
-                &out,
-                &d.n,
-                &cout,
-                &plane,
-                &d.groups
-            );
-            Ok(())
-        })?;
+        let (product, product_layout) = self.product.storage_and_layout();
+        let product = held_view(&product, product_layout, "convolution product")?;
+        launch!(
+            device,
+            "rows_to_nchw",
+            elementwise(elements),
+            &product,
+            &bias,
+            &out,
+            &d.n,
+            &cout,
+            &plane,
+            &d.groups
+        );
         Ok((wrap(out, device), self.shape()))
     }
 

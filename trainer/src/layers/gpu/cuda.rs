@@ -3,7 +3,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CudaStorage, Layout, Result, Storage};
 
 pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layers.ptx"));
 pub(crate) const MODULE: &str = "cambrian-layers";
@@ -55,18 +55,17 @@ pub(crate) fn view_mut<'a>(
     }
 }
 
-/// Runs `f` on the f32 elements of a tensor the op holds (rather than receives as an
-/// argument), which must live on the GPU.
-pub(super) fn with_tensor<R>(
-    tensor: &Tensor,
+/// The f32 elements of a tensor the op holds (rather than receives as an argument), which
+/// must live on the GPU: `storage` is the tensor's `storage_and_layout()` guard.
+pub(super) fn held_view<'a>(
+    storage: &'a Storage,
+    layout: &Layout,
     what: &str,
-    f: impl FnOnce(CudaView<'_, f32>) -> Result<R>,
-) -> Result<R> {
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cuda(storage) = &*storage else {
+) -> Result<CudaView<'a, f32>> {
+    let Storage::Cuda(storage) = storage else {
         candle_core::bail!("{what} is not on the GPU");
     };
-    f(view(storage, layout, what)?)
+    view(storage, layout, what)
 }
 
 /// Uninitialised output memory; every kernel here writes all of its output.

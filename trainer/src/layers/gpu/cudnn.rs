@@ -8,7 +8,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::thread::LocalKey;
 use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendDevice;
@@ -43,6 +45,9 @@ thread_local! {
     static FORWARD: RefCell<HashMap<Key, sys::cudnnConvolutionFwdAlgo_t>> = RefCell::new(HashMap::new());
     static DATA: RefCell<HashMap<Key, sys::cudnnConvolutionBwdDataAlgo_t>> = RefCell::new(HashMap::new());
     static FILTER: RefCell<HashMap<Key, sys::cudnnConvolutionBwdFilterAlgo_t>> = RefCell::new(HashMap::new());
+    // Made once per shape: creating them on every call cost host time a batch-50 step could
+    // not hide.
+    static DESCRIPTORS: RefCell<HashMap<(DeviceId, Key), Rc<Descriptors>>> = RefCell::new(HashMap::new());
 }
 
 fn handle(device: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -63,7 +68,18 @@ struct Descriptors {
     y: TensorDescriptor<f32>,
 }
 
-fn descriptors(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Descriptors> {
+/// The descriptors of one convolution shape on one device, made on first use.
+fn descriptors(device: &CudaDevice, key: &Key) -> Result<Rc<Descriptors>> {
+    let at = (device.id(), *key);
+    if let Some(d) = DESCRIPTORS.with(|c| c.borrow().get(&at).cloned()) {
+        return Ok(d);
+    }
+    let d = Rc::new(make_descriptors(&handle(device)?, key)?);
+    DESCRIPTORS.with(|c| c.borrow_mut().insert(at, d.clone()));
+    Ok(d)
+}
+
+fn make_descriptors(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Descriptors> {
     let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
     let mut conv = cudnn.create_conv2d::<f32>(
         key.pad,
@@ -85,6 +101,9 @@ fn descriptors(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Descriptors> {
 }
 
 fn workspace(device: &CudaDevice, bytes: usize) -> Result<Option<CudaSlice<u8>>> {
+    if bytes > MAX_WORKSPACE {
+        candle_core::bail!("a cuDNN workspace of {bytes} bytes is over the cap");
+    }
     if bytes == 0 {
         return Ok(None);
     }
@@ -120,6 +139,22 @@ fn fastest<A: Copy + std::fmt::Debug>(
         Some((_, algo)) => Ok(algo),
         None => candle_core::bail!("no cuDNN algorithm ran for this convolution"),
     }
+}
+
+/// The algorithm `cache` holds for `key`, or the fastest candidate, measured now and cached.
+fn cached<A: Copy + std::fmt::Debug + 'static>(
+    cache: &'static LocalKey<RefCell<HashMap<Key, A>>>,
+    key: Key,
+    device: &CudaDevice,
+    candidates: &[A],
+    run: impl FnMut(A) -> Result<()>,
+) -> Result<A> {
+    if let Some(algo) = cache.with(|c| c.borrow().get(&key).copied()) {
+        return Ok(algo);
+    }
+    let algo = fastest(device, candidates, run)?;
+    cache.with(|c| c.borrow_mut().insert(key, algo));
+    Ok(algo)
 }
 
 fn key(dims: &ConvDims, tf32: bool) -> Result<Key> {
@@ -207,8 +242,7 @@ impl CustomOp3 for Forward {
         let elements = u32_of(shape.elem_count(), "convolution output")?;
         let mut y = output(device, elements as usize)?;
         let key = key(&self.dims, self.tf32)?;
-        let cudnn = handle(device)?;
-        let d = descriptors(&cudnn, &key)?;
+        let d = descriptors(device, &key)?;
         let op = ConvForward {
             conv: &d.conv,
             x: &d.x,
@@ -216,37 +250,28 @@ impl CustomOp3 for Forward {
             y: &d.y,
         };
         let mut run = |algo| -> Result<()> {
-            let bytes = op.get_workspace_size(algo)?;
-            if bytes > MAX_WORKSPACE {
-                candle_core::bail!("workspace too large");
-            }
-            let mut ws = workspace(device, bytes)?;
+            let mut ws = workspace(device, op.get_workspace_size(algo)?)?;
             // SAFETY: the descriptors describe x, w and y, contiguous f32 NCHW.
             unsafe { op.launch(algo, ws.as_mut(), (1.0, 0.0), &x, &w, &mut y) }?;
             Ok(())
         };
-        let algo = match FORWARD.with(|c| c.borrow().get(&key).copied()) {
-            Some(algo) => algo,
-            None => {
-                use sys::cudnnConvolutionFwdAlgo_t as A;
-                let algo = fastest(
-                    device,
-                    &[
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                        A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-                    ],
-                    &mut run,
-                )?;
-                FORWARD.with(|c| c.borrow_mut().insert(key, algo));
-                algo
-            }
-        };
+        use sys::cudnnConvolutionFwdAlgo_t as A;
+        let algo = cached(
+            &FORWARD,
+            key,
+            device,
+            &[
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            ],
+            &mut run,
+        )?;
         run(algo)?;
         let (c, plane) = (
             shape.dims()[1] as u32,
@@ -335,8 +360,7 @@ impl CustomOp2 for InputGradient {
             u32_of(shape.elem_count(), "convolution input")? as usize,
         )?;
         let key = key(&self.dims, self.tf32)?;
-        let cudnn = handle(device)?;
-        let d = descriptors(&cudnn, &key)?;
+        let d = descriptors(device, &key)?;
         let op = ConvBackwardData {
             conv: &d.conv,
             dx: &d.x,
@@ -344,35 +368,26 @@ impl CustomOp2 for InputGradient {
             dy: &d.y,
         };
         let mut run = |algo| -> Result<()> {
-            let bytes = op.get_workspace_size(algo)?;
-            if bytes > MAX_WORKSPACE {
-                candle_core::bail!("workspace too large");
-            }
-            let mut ws = workspace(device, bytes)?;
+            let mut ws = workspace(device, op.get_workspace_size(algo)?)?;
             // SAFETY: the descriptors describe dx, w and dy, contiguous f32 NCHW.
             unsafe { op.launch(algo, ws.as_mut(), (1.0, 0.0), &mut dx, &w, &dy) }?;
             Ok(())
         };
-        let algo = match DATA.with(|c| c.borrow().get(&key).copied()) {
-            Some(algo) => algo,
-            None => {
-                use sys::cudnnConvolutionBwdDataAlgo_t as A;
-                let algo = fastest(
-                    device,
-                    &[
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
-                        A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
-                    ],
-                    &mut run,
-                )?;
-                DATA.with(|c| c.borrow_mut().insert(key, algo));
-                algo
-            }
-        };
+        use sys::cudnnConvolutionBwdDataAlgo_t as A;
+        let algo = cached(
+            &DATA,
+            key,
+            device,
+            &[
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+            ],
+            &mut run,
+        )?;
         run(algo)?;
         Ok((wrap(dx, device), shape))
     }
@@ -415,8 +430,7 @@ impl CustomOp2 for WeightGradient {
             u32_of(shape.elem_count(), "convolution weight")? as usize,
         )?;
         let key = key(&self.dims, self.tf32)?;
-        let cudnn = handle(device)?;
-        let d = descriptors(&cudnn, &key)?;
+        let d = descriptors(device, &key)?;
         let op = ConvBackwardFilter {
             conv: &d.conv,
             x: &d.x,
@@ -424,35 +438,26 @@ impl CustomOp2 for WeightGradient {
             dy: &d.y,
         };
         let mut run = |algo| -> Result<()> {
-            let bytes = op.get_workspace_size(algo)?;
-            if bytes > MAX_WORKSPACE {
-                candle_core::bail!("workspace too large");
-            }
-            let mut ws = workspace(device, bytes)?;
+            let mut ws = workspace(device, op.get_workspace_size(algo)?)?;
             // SAFETY: the descriptors describe x, dw and dy, contiguous f32 NCHW.
             unsafe { op.launch(algo, ws.as_mut(), (1.0, 0.0), &x, &mut dw, &dy) }?;
             Ok(())
         };
-        let algo = match FILTER.with(|c| c.borrow().get(&key).copied()) {
-            Some(algo) => algo,
-            None => {
-                use sys::cudnnConvolutionBwdFilterAlgo_t as A;
-                let algo = fastest(
-                    device,
-                    &[
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-                        A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
-                    ],
-                    &mut run,
-                )?;
-                FILTER.with(|c| c.borrow_mut().insert(key, algo));
-                algo
-            }
-        };
+        use sys::cudnnConvolutionBwdFilterAlgo_t as A;
+        let algo = cached(
+            &FILTER,
+            key,
+            device,
+            &[
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+            ],
+            &mut run,
+        )?;
         run(algo)?;
         Ok((wrap(dw, device), shape))
     }
