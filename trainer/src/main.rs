@@ -265,6 +265,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    cli::memory::keep_step_buffers();
     match Cli::parse().command {
         Commands::Run(args) => runtime()?.block_on(cli::run::run(cli::run::RunOptions {
             manifest: args.manifest,

@@ -1,6 +1,7 @@
 //! The binary's commands that orchestrate library pieces: a local experiment, a worker pod,
 //! reports and the final evaluation.
 
+pub mod memory;
 pub mod report;
 pub mod run;
 pub mod worker;
