@@ -6,6 +6,8 @@ pub mod batch_norm;
 pub mod conv;
 pub mod cross_entropy;
 
+use std::cell::RefCell;
+
 use candle_core::{CpuStorage, Layout, Result};
 
 /// The f32 data of a contiguous tensor.
@@ -21,6 +23,27 @@ pub(crate) fn contiguous<'a>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what} must be contiguous"),
     }
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` floats, whose contents are whatever an
+/// earlier user left: for column matrices, which are written whole before they are read.
+///
+/// A fresh zeroed buffer per image (or per rayon split) cost a megabyte-sized memset each
+/// time. Each thread keeps the largest buffer it was asked for. `f` must not call back into
+/// rayon or into another user of the buffer; if it does, the inner call gets its own buffer.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            f(&mut buffer[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
 }
 
 /// Σ f(x) over a slice in eight independent lanes, which the compiler turns into vector
