@@ -1,5 +1,6 @@
 //! The fully connected layer that turns the last backbone vertex, flattened, into class
-//! logits (the softmax is applied by the loss).
+//! logits (the softmax is applied by the loss). On the CPU it is one op
+//! (`layers::cpu::linear`), elsewhere Candle's matmul and broadcast addition.
 
 use candle_core::{Result, Tensor, Var};
 
@@ -31,8 +32,16 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.flatten_from(1)?
-            .matmul(&self.weight.as_tensor().t()?)?
-            .broadcast_add(self.bias.as_tensor())
+        let x = x.flatten_from(1)?;
+        match super::path(x.device()) {
+            super::Path::Cpu => x.contiguous()?.apply_op3(
+                self.weight.as_tensor(),
+                self.bias.as_tensor(),
+                super::cpu::linear::Linear,
+            ),
+            _ => x
+                .matmul(&self.weight.as_tensor().t()?)?
+                .broadcast_add(self.bias.as_tensor()),
+        }
     }
 }
