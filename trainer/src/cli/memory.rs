@@ -4,8 +4,9 @@
 //! megabytes each) and frees them. glibc's malloc serves blocks above its mmap threshold with
 //! fresh mappings and returns freed memory at the top of a heap to the kernel beyond its trim
 //! threshold, so every step faulted its buffers in again and the kernel zeroed them: 1.3
-//! million page faults in 20 steps of the skip model on the CPU, against 69 thousand (all of
-//! them in the first step) with the settings below, and 10–25% more images/s there.
+//! million page faults in a 20-step benchmark of the skip model on the CPU, against 69
+//! thousand with the settings below, all of those before the timed steps (30 steps gave the
+//! same count). In three interleaved runs, conv3 trained 6–9% and skip 2–27% faster.
 //! Retaining the step's peak is what a worker wants; its next step needs the same again.
 
 /// Buffers up to this size come from the heap, not their own mapping: glibc's largest
