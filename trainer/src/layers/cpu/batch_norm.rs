@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, lane_sum};
+use super::{contiguous, lane_sum, par_written};
 
 /// Per-channel statistics of one training batch.
 #[derive(Clone, Debug)]
@@ -67,17 +67,17 @@ pub(crate) fn scale_shift_relu(
     scale: &[f32],
     shift: &[f32],
 ) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(plane)
-        .zip(x.par_chunks(plane))
-        .enumerate()
-        .for_each(|(index, (y, x))| {
+    // SAFETY: chunk `index` of the output and of `x` are equally long (both are cut into
+    // planes), and every element of the output chunk is written from its `x`.
+    unsafe {
+        par_written(x.len(), plane, |index, y| {
+            let x = &x[index * plane..][..y.len()];
             let (a, b) = (scale[index % c], shift[index % c]);
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x * a + b).max(0.0);
+                y.write((x * a + b).max(0.0));
             }
-        });
-    y
+        })
+    }
 }
 
 /// Training mode: normalises with the batch's statistics, which it keeps for the backward

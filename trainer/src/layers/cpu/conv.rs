@@ -21,7 +21,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, lane_sum, with_scratch, GemmOperand};
+use super::{assume_written, contiguous, lane_sum, par_written, with_scratch, GemmOperand};
 
 /// Stride and zero padding (per side) of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,14 +353,22 @@ impl CustomOp3 for Conv2d {
         let b = contiguous(s3, l3, "conv2d bias")?;
         let d = Dims::new(l1.shape().dims4()?, l2.shape().dims4()?, self.geometry)?;
         let (k, p) = (d.k(), d.p());
-        let mut y = vec![0f32; d.n * d.cout * p];
-        y.par_chunks_mut(d.cout * p)
-            .zip(x.par_chunks(d.image()))
-            .for_each(|(y, x)| {
-                with_scratch(k * p, |col| {
-                    for (row, &bias) in y.chunks_exact_mut(p).zip(b) {
-                        row.fill(bias);
+        if b.len() != d.cout {
+            candle_core::bail!("conv2d: {} biases for {} channels", b.len(), d.cout);
+        }
+        // SAFETY: chunk `image` holds that image's Cout rows of P outputs, and each row is
+        // written with its channel's bias (there are Cout biases, checked above) before the
+        // product is added onto it.
+        let y = unsafe {
+            par_written(d.n * d.cout * p, d.cout * p, |image, y| {
+                let x = &x[image * d.image()..][..d.image()];
+                for (row, &bias) in y.chunks_exact_mut(p).zip(b) {
+                    for v in row {
+                        v.write(bias);
                     }
+                }
+                let y = assume_written(y);
+                with_scratch(k * p, |col| {
                     im2col(x, &d, col);
                     GemmOperand::row_major(w, k).times(
                         &GemmOperand::row_major(col, p),
@@ -371,7 +379,8 @@ impl CustomOp3 for Conv2d {
                         true,
                     );
                 })
-            });
+            })
+        };
         Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
     }
 

@@ -8,8 +8,10 @@ pub mod cross_entropy;
 pub mod linear;
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
 
 /// The f32 data of a contiguous tensor.
 pub(crate) fn contiguous<'a>(
@@ -24,6 +26,38 @@ pub(crate) fn contiguous<'a>(
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what} must be contiguous"),
     }
+}
+
+/// A vector of `len` floats written in parallel by `write(index, chunk)`, over chunks of
+/// `chunk` floats (the last one may be shorter), without zeroing it first as
+/// `vec![0.0; len]` does. For the megabyte outputs of convolution and batch norm, that zeroing
+/// was a pass over memory of its own, evicting the lines the write then brought back.
+///
+/// # Safety
+/// `write` must write every element of every chunk it is given.
+pub(crate) unsafe fn par_written(
+    len: usize,
+    chunk: usize,
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(index, chunk)| write(index, chunk));
+    // SAFETY: the chunks cover `..len`, and the caller guarantees that each was written. A
+    // panic in `write` never gets here, and the vector is dropped empty.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `chunk` as the floats it holds.
+///
+/// # Safety
+/// Every element of `chunk` must have been written.
+pub(crate) unsafe fn assume_written(chunk: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller guarantees initialisation.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// Runs `f` on this thread's scratch buffer of `len` floats, whose contents are whatever an
