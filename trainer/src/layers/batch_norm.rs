@@ -178,6 +178,7 @@ impl BatchNormRelu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::cpu::max_diff;
     use crate::seed::{rng, Stream};
     use candle_core::{Device, Var, D};
 
@@ -195,19 +196,6 @@ mod tests {
             bn
         };
         (make(), make())
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

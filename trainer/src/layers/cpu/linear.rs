@@ -199,20 +199,8 @@ impl CustomOp2 for ParamGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::layers::cpu::max_diff;
+    use candle_core::{Device, Var};
 
     /// Against Candle's matmul + broadcast add: output and the three gradients, on fresh
     /// random inputs, including sizes above the parallel threshold.

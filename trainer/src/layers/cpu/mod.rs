@@ -182,3 +182,15 @@ impl<'a> GemmOperand<'a> {
         }
     }
 }
+
+/// The largest absolute difference between two tensors of one shape, for the tests that
+/// compare a kernel with Candle's composed operations.
+#[cfg(test)]
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(candle_core::D::Minus1))
+        .and_then(|d| d.to_scalar())
+        .expect("tensors of one shape")
+}
