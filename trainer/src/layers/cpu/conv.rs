@@ -204,11 +204,34 @@ fn col2im_by_rows(col: &[f32], d: &Dims, dx: &mut [f32]) {
                             *d += v;
                         }
                     } else {
-                        for (d, v) in dst[start..].iter_mut().step_by(s).zip(values) {
-                            *d += v;
-                        }
+                        scatter_add(&mut dst[start..], values, s);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `dst[k·stride] += values[k]`: the adjoint of [`gather`], in chunks the same way.
+#[inline]
+fn scatter_add(dst: &mut [f32], values: &[f32], stride: usize) {
+    fn chunked<const S: usize>(dst: &mut [f32], values: &[f32]) {
+        // The last value's chunk may run past the row (and the image), so it goes alone.
+        let Some((last, head)) = values.split_last() else {
+            return;
+        };
+        let (chunks, _) = dst[..head.len() * S].as_chunks_mut::<S>();
+        for (chunk, v) in chunks.iter_mut().zip(head) {
+            chunk[0] += v;
+        }
+        dst[head.len() * S] += last;
+    }
+    match stride {
+        2 => chunked::<2>(dst, values),
+        4 => chunked::<4>(dst, values),
+        _ => {
+            for (d, v) in dst.iter_mut().step_by(stride).zip(values) {
+                *d += v;
             }
         }
     }
