@@ -21,7 +21,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{assume_written, contiguous, lane_sum, par_written, with_scratch, GemmOperand};
+use super::{
+    assume_written, contiguous, lane_sum, par_written, transpose, with_scratch, GemmOperand,
+};
 
 /// Stride and zero padding (per side) of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,34 @@ pub struct Geometry {
     pub stride: usize,
     pub pad_h: usize,
     pub pad_w: usize,
+}
+
+impl Geometry {
+    /// The output's height and width for `input` [N, Cin, H, W] and `kernel`
+    /// [Cout, Cin, kh, kw]; an error where the channels disagree, the stride is 0 or the filter
+    /// does not fit the padded input. Every convolution path (CPU, GPU, cuDNN) sizes its
+    /// output here.
+    pub fn output_size(
+        &self,
+        input: (usize, usize, usize, usize),
+        kernel: (usize, usize, usize, usize),
+    ) -> Result<(usize, usize)> {
+        let (_, cin, h, w) = input;
+        let (_, kcin, kh, kw) = kernel;
+        if kcin != cin {
+            candle_core::bail!("conv2d: input has {cin} channels, kernel expects {kcin}");
+        }
+        if self.stride == 0 || h + 2 * self.pad_h < kh || w + 2 * self.pad_w < kw {
+            candle_core::bail!(
+                "conv2d: a {kh}x{kw} filter at stride {} does not fit a padded {h}x{w} input",
+                self.stride
+            );
+        }
+        Ok((
+            (h + 2 * self.pad_h - kh) / self.stride + 1,
+            (w + 2 * self.pad_w - kw) / self.stride + 1,
+        ))
+    }
 }
 
 /// All the sizes of one convolution.
@@ -53,13 +83,8 @@ impl Dims {
         g: Geometry,
     ) -> Result<Self> {
         let (n, cin, h, w) = input;
-        let (cout, kcin, kh, kw) = kernel;
-        if kcin != cin {
-            candle_core::bail!("conv2d: input has {cin} channels, kernel expects {kcin}");
-        }
-        if h + 2 * g.pad_h < kh || w + 2 * g.pad_w < kw {
-            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{w}");
-        }
+        let (cout, _, kh, kw) = kernel;
+        let (oh, ow) = g.output_size(input, kernel)?;
         Ok(Self {
             n,
             cin,
@@ -68,8 +93,8 @@ impl Dims {
             cout,
             kh,
             kw,
-            oh: (h + 2 * g.pad_h - kh) / g.stride + 1,
-            ow: (w + 2 * g.pad_w - kw) / g.stride + 1,
+            oh,
+            ow,
             g,
         })
     }
@@ -286,13 +311,14 @@ impl SameRows {
 
     fn im2col(&self, x: &[f32], d: &Dims, col: &mut [f32]) {
         let (w, p) = (self.w, d.p());
-        for c in 0..d.cin {
-            let plane = &x[c * p..(c + 1) * p];
-            for i in 0..d.kh {
-                let rows = self.rows(d, i);
-                for j in 0..d.kw {
+        // Taps outside, channels inside: a tap's ranges are the same for every channel.
+        for i in 0..d.kh {
+            let rows = self.rows(d, i);
+            for j in 0..d.kw {
+                let (shift, valid, (first, last)) = self.tap(d, i, j);
+                for c in 0..d.cin {
+                    let plane = &x[c * p..(c + 1) * p];
                     let out = &mut col[((c * d.kh + i) * d.kw + j) * p..][..p];
-                    let (shift, valid, (first, last)) = self.tap(d, i, j);
                     out[..valid.start].fill(0.0);
                     out[valid.end..].fill(0.0);
                     if !valid.is_empty() {
@@ -309,18 +335,21 @@ impl SameRows {
 
     fn col2im(&self, col: &mut [f32], d: &Dims, dx: &mut [f32]) {
         let (w, p) = (self.w, d.p());
-        for c in 0..d.cin {
-            let plane = &mut dx[c * p..(c + 1) * p];
-            for i in 0..d.kh {
-                let rows = self.rows(d, i);
-                for j in 0..d.kw {
+        for i in 0..d.kh {
+            let rows = self.rows(d, i);
+            for j in 0..d.kw {
+                let (shift, valid, (first, last)) = self.tap(d, i, j);
+                for c in 0..d.cin {
+                    let plane = &mut dx[c * p..(c + 1) * p];
                     let row = &mut col[((c * d.kh + i) * d.kw + j) * p..][..p];
-                    let (shift, valid, (first, last)) = self.tap(d, i, j);
                     // Entries from padding columns would land on a neighbour row's pixels.
                     zero_columns(row, w, &rows, first, last);
                     if !valid.is_empty() {
                         let to = (valid.start as isize + shift) as usize;
-                        for (d, v) in plane[to..to + valid.len()].iter_mut().zip(&row[valid]) {
+                        for (d, v) in plane[to..to + valid.len()]
+                            .iter_mut()
+                            .zip(&row[valid.clone()])
+                        {
                             *d += v;
                         }
                     }
@@ -566,19 +595,11 @@ impl CustomOp2 for WeightGrad {
                 *a += b;
             }
         }
-        let grads = if transposed {
-            let mut grads = vec![0f32; size + d.cout];
-            for (kk, row) in sum[..size].chunks_exact(d.cout).enumerate() {
-                for (co, &v) in row.iter().enumerate() {
-                    grads[co * k + kk] = v;
-                }
-            }
-            grads[size..].copy_from_slice(&sum[size..]);
-            grads
-        } else {
-            sum
-        };
-        Ok((CpuStorage::F32(grads), Shape::from(size + d.cout)))
+        if transposed {
+            let dwt = sum[..size].to_vec();
+            transpose(&dwt, k, d.cout, &mut sum[..size]);
+        }
+        Ok((CpuStorage::F32(sum), Shape::from(size + d.cout)))
     }
 }
 
@@ -725,6 +746,24 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "col2im {:?}", (cin, h, w, kh, kw));
             }
         }
+    }
+
+    /// Sizes that no convolution can have are errors, not panics (a stride of 0 divided by
+    /// zero on the CPU path before `output_size` was shared).
+    #[test]
+    fn impossible_sizes_are_errors() {
+        let g = |stride| Geometry {
+            stride,
+            pad_h: 1,
+            pad_w: 1,
+        };
+        assert_eq!(
+            g(2).output_size((1, 3, 8, 7), (4, 3, 3, 3)).unwrap(),
+            (4, 4)
+        );
+        assert!(g(0).output_size((1, 3, 8, 8), (4, 3, 3, 3)).is_err());
+        assert!(g(1).output_size((1, 3, 8, 8), (4, 2, 3, 3)).is_err());
+        assert!(g(1).output_size((1, 3, 2, 2), (4, 3, 5, 3)).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, GemmOperand};
+use super::{contiguous, transpose, GemmOperand};
 
 /// Below this many multiply-adds a product runs on the calling thread; above it, in column
 /// (or row) blocks on rayon's threads.
@@ -182,11 +182,7 @@ impl CustomOp2 for ParamGrad {
                 false,
             );
         });
-        for (column, row) in dwt.chunks_exact(o.max(1)).enumerate() {
-            for (class, &v) in row.iter().enumerate() {
-                dw[class * i + column] = v;
-            }
-        }
+        transpose(&dwt, i, o, dw);
         for row in dy.chunks_exact(o.max(1)) {
             for (db, &v) in db.iter_mut().zip(row) {
                 *db += v;

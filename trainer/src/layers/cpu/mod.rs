@@ -60,6 +60,19 @@ pub(crate) unsafe fn assume_written(chunk: &mut [MaybeUninit<f32>]) -> &mut [f32
     unsafe { &mut *(chunk as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
+/// `dst` [cols×rows] becomes the transpose of `src` [rows×cols], both row-major: for weight
+/// gradients that a GEMM computed in the faster orientation.
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    if cols == 0 {
+        return;
+    }
+    for (r, row) in src[..rows * cols].chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
+        }
+    }
+}
+
 /// Runs `f` on this thread's scratch buffer of `len` floats, whose contents are whatever an
 /// earlier user left: for column matrices, which are written whole before they are read.
 ///

@@ -362,13 +362,8 @@ pub fn conv2d(
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let (n, cin, h, w) = x.dims4()?;
-    let (cout, kcin, kh, kw) = weight.dims4()?;
-    if kcin != cin {
-        candle_core::bail!("conv2d: input has {cin} channels, kernel expects {kcin}");
-    }
-    if h + 2 * g.pad_h < kh || w + 2 * g.pad_w < kw || g.stride == 0 {
-        candle_core::bail!("conv2d: a {kh}x{kw} filter does not fit a padded {h}x{w} input");
-    }
+    let (cout, _, kh, kw) = weight.dims4()?;
+    let (oh, ow) = g.output_size(x.dims4()?, weight.dims4()?)?;
     let groups = groups.unwrap_or_else(|| groups_for(n, cout, cin * kh * kw));
     if groups == 0 || !n.is_multiple_of(groups) {
         candle_core::bail!("conv2d: {groups} groups do not divide a batch of {n}");
@@ -383,8 +378,8 @@ pub fn conv2d(
         w: small(w)?,
         kh: small(kh)?,
         kw: small(kw)?,
-        oh: small((h + 2 * g.pad_h - kh) / g.stride + 1)?,
-        ow: small((w + 2 * g.pad_w - kw) / g.stride + 1)?,
+        oh: small(oh)?,
+        ow: small(ow)?,
         stride: small(g.stride)?,
         pad_h: small(g.pad_h)?,
         pad_w: small(g.pad_w)?,

@@ -163,7 +163,7 @@ fn key(dims: &ConvDims, tf32: bool) -> Result<Key> {
     };
     let (n, cin, h, w) = dims.x;
     let (cout, _, kh, kw) = dims.w;
-    let (oh, ow) = dims.out();
+    let (oh, ow) = dims.out()?;
     Ok(Key {
         x: [i(n)?, i(cin)?, i(h)?, i(w)?],
         w: [i(cout)?, i(cin)?, i(kh)?, i(kw)?],
@@ -182,18 +182,13 @@ struct ConvDims {
 }
 
 impl ConvDims {
-    fn out(&self) -> (usize, usize) {
-        let (_, _, h, w) = self.x;
-        let (_, _, kh, kw) = self.w;
-        (
-            (h + 2 * self.g.pad_h - kh) / self.g.stride + 1,
-            (w + 2 * self.g.pad_w - kw) / self.g.stride + 1,
-        )
+    fn out(&self) -> Result<(usize, usize)> {
+        self.g.output_size(self.x, self.w)
     }
 
-    fn y_shape(&self) -> Shape {
-        let (oh, ow) = self.out();
-        Shape::from((self.x.0, self.w.0, oh, ow))
+    fn y_shape(&self) -> Result<Shape> {
+        let (oh, ow) = self.out()?;
+        Ok(Shape::from((self.x.0, self.w.0, oh, ow)))
     }
 }
 
@@ -238,7 +233,7 @@ impl CustomOp3 for Forward {
         let x = view(s1, l1, "convolution input")?;
         let w = view(s2, l2, "convolution weight")?;
         let bias = view(s3, l3, "convolution bias")?;
-        let shape = self.dims.y_shape();
+        let shape = self.dims.y_shape()?;
         let elements = u32_of(shape.elem_count(), "convolution output")?;
         let mut y = output(device, elements as usize)?;
         let key = key(&self.dims, self.tf32)?;
