@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, lane_sum, par_written};
+use super::{contiguous, lane_sum, par_written, par_written_then};
 
 /// Per-channel statistics of one training batch.
 #[derive(Clone, Debug)]
@@ -214,6 +214,14 @@ impl CustomOp3 for Backward {
         let y = contiguous(s2, l2, "batch norm output")?;
         let dy = contiguous(s3, l3, "batch norm output gradient")?;
         let (n, c, plane) = dims(l1)?;
+        if y.len() != x.len() || dy.len() != x.len() {
+            candle_core::bail!(
+                "batch norm backward: input, output and gradient have {}, {} and {} values",
+                x.len(),
+                y.len(),
+                dy.len()
+            );
+        }
         let count = (n * plane) as f32;
         let BatchStats { mean, inv_std, .. } = &self.stats;
         // Per channel: Σ g and Σ g·x̂, where g is dy through the ReLU (0 where y = 0). Samples
@@ -251,26 +259,33 @@ impl CustomOp3 for Backward {
             .into_iter()
             .map(|(g, gx)| (g as f32, gx as f32))
             .collect();
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, rest) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
-            .zip(y.par_chunks(plane).zip(dy.par_chunks(plane)))
-            .enumerate()
-            .for_each(|(index, ((dx, x), (y, dy)))| {
+        // dx, then Σ g·x̂ and Σ g per channel (the γ and β gradients). Not zeroed first: that
+        // was a serial memset of the whole batch on the calling thread.
+        let tail: Vec<f32> = sums
+            .iter()
+            .map(|s| s.1)
+            .chain(sums.iter().map(|s| s.0))
+            .collect();
+        // SAFETY: chunk `index` is plane `index` of the batch, and every element of it is
+        // written from the same plane of x, y and dy, which have the batch's length.
+        let out = unsafe {
+            par_written_then(x.len(), plane, &tail, |index, dx| {
+                let at = index * plane;
                 let ch = index % c;
                 let (sum_g, sum_gx) = sums[ch];
                 let (m, s) = (mean[ch], inv_std[ch]);
                 let k = self.gamma[ch] * s / count;
+                let (x, y, dy) = (
+                    &x[at..at + dx.len()],
+                    &y[at..at + dx.len()],
+                    &dy[at..at + dx.len()],
+                );
                 for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
                     let g = if y > 0.0 { dy } else { 0.0 };
-                    *dx = k * (count * g - sum_g - (x - m) * s * sum_gx);
+                    dx.write(k * (count * g - sum_g - (x - m) * s * sum_gx));
                 }
-            });
-        for ch in 0..c {
-            rest[ch] = sums[ch].1;
-            rest[c + ch] = sums[ch].0;
-        }
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }

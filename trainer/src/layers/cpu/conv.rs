@@ -496,10 +496,27 @@ impl CustomOp2 for InputGrad {
         let w = contiguous(s2, l2, "conv2d kernel")?;
         let d = Dims::new(self.input, l2.shape().dims4()?, self.geometry)?;
         let (k, p) = (d.k(), d.p());
-        let mut dx = vec![0f32; d.n * d.image()];
-        dx.par_chunks_mut(d.image())
-            .zip(dy.par_chunks(d.cout * p))
-            .for_each(|(dx, dy)| {
+        if dy.len() != d.n * d.cout * p {
+            candle_core::bail!(
+                "conv2d input gradient: {} output-gradient values for {} images of {}x{}x{}",
+                dy.len(),
+                d.n,
+                d.cout,
+                d.oh,
+                d.ow
+            );
+        }
+        // Each image's gradient is zeroed by the thread that scatters into it: zeroed up
+        // front (`vec![0.0; …]`), the whole batch's was a serial memset on the calling thread,
+        // 7% of that thread's time in the skip model's profile, with the other core idle.
+        // SAFETY: every element of an image's chunk is written (zeroed) before it is read.
+        let dx = unsafe {
+            par_written(d.n * d.image(), d.image(), |image, dx| {
+                for v in dx.iter_mut() {
+                    v.write(0.0);
+                }
+                let dx = assume_written(dx);
+                let dy = &dy[image * d.cout * p..][..d.cout * p];
                 with_scratch(k * p, |dcol| {
                     // Wᵀ: [K×Cout], read from W [Cout×K] with swapped strides.
                     GemmOperand::transposed(w, k).times(
@@ -512,7 +529,8 @@ impl CustomOp2 for InputGrad {
                     );
                     col2im(dcol, &d, dx);
                 })
-            });
+            })
+        };
         Ok((CpuStorage::F32(dx), Shape::from(self.input)))
     }
 }

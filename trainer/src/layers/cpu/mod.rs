@@ -40,14 +40,33 @@ pub(crate) unsafe fn par_written(
     chunk: usize,
     write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
 ) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
+    // SAFETY: passed on to the caller.
+    unsafe { par_written_then(len, chunk, &[], write) }
+}
+
+/// [`par_written`], followed by `tail`: for outputs that pack a few per-channel values after
+/// the tensor.
+///
+/// # Safety
+/// `write` must write every element of every chunk it is given.
+pub(crate) unsafe fn par_written_then(
+    len: usize,
+    chunk: usize,
+    tail: &[f32],
+    write: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len + tail.len());
+    let (body, rest) = out.spare_capacity_mut()[..len + tail.len()].split_at_mut(len);
+    body.par_chunks_mut(chunk.max(1))
         .enumerate()
         .for_each(|(index, chunk)| write(index, chunk));
-    // SAFETY: the chunks cover `..len`, and the caller guarantees that each was written. A
-    // panic in `write` never gets here, and the vector is dropped empty.
-    unsafe { out.set_len(len) };
+    for (slot, &v) in rest.iter_mut().zip(tail) {
+        slot.write(v);
+    }
+    // SAFETY: the chunks cover `..len` and the caller guarantees that each was written; the
+    // tail was written above. A panic in `write` never gets here, and the vector is dropped
+    // empty.
+    unsafe { out.set_len(len + tail.len()) };
     out
 }
 
