@@ -143,7 +143,7 @@ impl Model {
                 EdgeOp::Convolution(conv) => conv.forward(input)?,
             };
             for (source, resize) in &op.skips {
-                v = (v + resize.forward(&values[*source])?)?;
+                v = resize.add_to(&v, &values[*source])?;
             }
             if let Some(bn) = &op.batch_norm {
                 v = bn.forward_t(&v, train)?;

@@ -2,8 +2,11 @@
 //! (nearest) interpolation for the spatial size, truncation or zero padding for channels, as
 //! in He et al. (2016).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::cpu::skip::{Fit, SkipAdd};
 use crate::dna::Shape3;
 
 #[derive(Clone, Debug)]
@@ -12,15 +15,22 @@ pub struct Resize {
     cols: Option<Tensor>,
     from_channels: usize,
     to_channels: usize,
+    /// The same indices for the fused CPU op.
+    fit: Arc<Fit>,
 }
 
 /// Source index of each target position: output pixel `i` takes input pixel
 /// `floor(i * from / to)`, which for a downsampling by `k` is every `k`-th pixel.
-fn nearest(from: usize, to: usize, device: &Device) -> Result<Option<Tensor>> {
+fn nearest(from: usize, to: usize) -> Vec<usize> {
+    (0..to).map(|i| i * from / to).collect()
+}
+
+/// [`nearest`] as an index tensor, or `None` where the sizes agree.
+fn nearest_tensor(from: usize, to: usize, device: &Device) -> Result<Option<Tensor>> {
     if from == to {
         return Ok(None);
     }
-    let index: Vec<u32> = (0..to).map(|i| (i * from / to) as u32).collect();
+    let index: Vec<u32> = nearest(from, to).into_iter().map(|i| i as u32).collect();
     Tensor::from_vec(index, to, device)?
         .to_dtype(DType::U32)
         .map(Some)
@@ -29,11 +39,29 @@ fn nearest(from: usize, to: usize, device: &Device) -> Result<Option<Tensor>> {
 impl Resize {
     pub fn new(from: Shape3, to: Shape3, device: &Device) -> Result<Self> {
         Ok(Self {
-            rows: nearest(from.height, to.height, device)?,
-            cols: nearest(from.width, to.width, device)?,
+            rows: nearest_tensor(from.height, to.height, device)?,
+            cols: nearest_tensor(from.width, to.width, device)?,
             from_channels: from.channels,
             to_channels: to.channels,
+            fit: Arc::new(Fit {
+                rows: nearest(from.height, to.height),
+                cols: nearest(from.width, to.width),
+            }),
         })
+    }
+
+    /// `v + self.forward(s)`: the skip's contribution added to the vertex's sum. One fused op
+    /// on the CPU path; Candle's operations elsewhere.
+    pub fn add_to(&self, v: &Tensor, s: &Tensor) -> Result<Tensor> {
+        match super::path(v.device()) {
+            super::Path::Cpu => v.contiguous()?.apply_op2(
+                &s.contiguous()?,
+                SkipAdd {
+                    fit: self.fit.clone(),
+                },
+            ),
+            super::Path::Gpu | super::Path::Composed => v + self.forward(s)?,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -82,5 +110,88 @@ mod tests {
             .forward(&x3)
             .unwrap();
         assert_eq!(y.dims(), &[1, 1, 2, 2]);
+    }
+
+    /// The fused CPU op against the composed one: output and both gradients, for equal
+    /// shapes, downsampling with more and with fewer channels, and upsampling (several
+    /// target pixels from one source pixel, whose gradients add up).
+    #[test]
+    fn fused_skip_add_matches_composed() {
+        use candle_core::Var;
+        let d = Device::Cpu;
+        let shape = |c, h, w| Shape3 {
+            channels: c,
+            height: h,
+            width: w,
+        };
+        for (from, to) in [
+            (shape(3, 4, 4), shape(3, 4, 4)),
+            (shape(2, 8, 6), shape(4, 4, 3)),
+            (shape(5, 9, 7), shape(3, 3, 2)),
+            (shape(2, 2, 3), shape(2, 5, 4)),
+        ] {
+            let n = 3;
+            let s = Var::from_tensor(
+                &Tensor::randn(0f32, 1., (n, from.channels, from.height, from.width), &d).unwrap(),
+            )
+            .unwrap();
+            let v = Var::from_tensor(
+                &Tensor::randn(0f32, 1., (n, to.channels, to.height, to.width), &d).unwrap(),
+            )
+            .unwrap();
+            let g = Tensor::randn(0f32, 1., v.dims(), &d).unwrap();
+            let resize = Resize::new(from, to, &d).unwrap();
+            let fused = v
+                .as_tensor()
+                .apply_op2(
+                    s.as_tensor(),
+                    SkipAdd {
+                        fit: resize.fit.clone(),
+                    },
+                )
+                .unwrap();
+            let composed = (v.as_tensor() + resize.forward(s.as_tensor()).unwrap()).unwrap();
+            assert!(
+                crate::layers::cpu::max_diff(&fused, &composed) < 1e-6,
+                "{from:?} -> {to:?}"
+            );
+            let ga = (&fused * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (&composed * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for var in [&v, &s] {
+                let (a, b) = (ga.get(var).unwrap(), gb.get(var).unwrap());
+                assert_eq!(a.dims(), b.dims());
+                assert!(
+                    crate::layers::cpu::max_diff(a, b) < 1e-5,
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_skip_add_rejects_shapes_it_does_not_fit() {
+        let d = Device::Cpu;
+        let shape = |c, h, w| Shape3 {
+            channels: c,
+            height: h,
+            width: w,
+        };
+        let resize = Resize::new(shape(2, 8, 8), shape(2, 4, 4), &d).unwrap();
+        let v = Tensor::zeros((1, 2, 4, 4), DType::F32, &d).unwrap();
+        let wrong_source = Tensor::zeros((1, 2, 3, 3), DType::F32, &d).unwrap();
+        assert!(resize.add_to(&v, &wrong_source).is_err());
+        let wrong_target = Tensor::zeros((1, 2, 5, 4), DType::F32, &d).unwrap();
+        let source = Tensor::zeros((1, 2, 8, 8), DType::F32, &d).unwrap();
+        assert!(resize.add_to(&wrong_target, &source).is_err());
     }
 }

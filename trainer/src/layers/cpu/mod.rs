@@ -6,6 +6,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod cross_entropy;
 pub mod linear;
+pub mod skip;
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;

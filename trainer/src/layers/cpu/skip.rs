@@ -1,0 +1,165 @@
+//! A skip connection's contribution to the vertex it enters, `v + fit(s)`, as one op with its
+//! own backward pass.
+//!
+//! `fit` is the resize of §3.2: nearest-neighbour row and column selection, then channels
+//! truncated or padded with zeros. Composed from Candle's operations (two `index_select`s, a
+//! `pad_with_zeros` and an addition, each a full pass and each with its own backward:
+//! `index_add`s into zeroed tensors, a `narrow`), it ran on the calling thread while the
+//! other core waited: a quarter of that thread's time in the skip model's profile. Here the
+//! forward is one parallel pass over the output planes, and the backward one parallel pass
+//! over the source planes.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::{assume_written, contiguous, par_written};
+
+/// Which source pixel each target pixel takes, and how many channels the two share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fit {
+    /// For each target row, its source row.
+    pub rows: Vec<usize>,
+    /// For each target column, its source column.
+    pub cols: Vec<usize>,
+}
+
+impl Fit {
+    /// Checks `source` [N, Cs, Hs, Ws] and `target` [N, Ct, Ht, Wt] against the indices.
+    fn check(
+        &self,
+        source: (usize, usize, usize, usize),
+        target: (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let (n, _, hs, ws) = source;
+        let (nt, _, ht, wt) = target;
+        if n != nt || ht != self.rows.len() || wt != self.cols.len() {
+            candle_core::bail!(
+                "skip connection: a {source:?} source does not fit a {target:?} target with \
+                 {}x{} indices",
+                self.rows.len(),
+                self.cols.len()
+            );
+        }
+        if self.rows.iter().any(|&r| r >= hs) || self.cols.iter().any(|&c| c >= ws) {
+            candle_core::bail!("skip connection: an index lies outside the {hs}x{ws} source");
+        }
+        Ok(())
+    }
+}
+
+/// out = v + fit(s); differentiable in both.
+pub struct SkipAdd {
+    pub fit: Arc<Fit>,
+}
+
+impl CustomOp2 for SkipAdd {
+    fn name(&self) -> &'static str {
+        "cambrian-skip-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let v = contiguous(s1, l1, "skip target")?;
+        let s = contiguous(s2, l2, "skip source")?;
+        let target = l1.shape().dims4()?;
+        let source = l2.shape().dims4()?;
+        self.fit.check(source, target)?;
+        let (_, ct, ht, wt) = target;
+        let (_, cs, hs, ws) = source;
+        let plane = ht * wt;
+        // SAFETY: chunk `index` is plane (n, c) of the target, and every element of it is
+        // written, from v alone or from v plus the source pixel.
+        let out = unsafe {
+            par_written(v.len(), plane, |index, out| {
+                let (n, c) = (index / ct, index % ct);
+                let v = &v[index * plane..][..plane];
+                if c >= cs {
+                    for (o, &v) in out.iter_mut().zip(v) {
+                        o.write(v);
+                    }
+                    return;
+                }
+                let src = &s[(n * cs + c) * hs * ws..][..hs * ws];
+                for ((out, v), &row) in out
+                    .chunks_exact_mut(wt)
+                    .zip(v.chunks_exact(wt))
+                    .zip(&self.fit.rows)
+                {
+                    let src = &src[row * ws..][..ws];
+                    for ((o, &v), &col) in out.iter_mut().zip(v).zip(&self.fit.cols) {
+                        o.write(v + src[col]);
+                    }
+                }
+            })
+        };
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _v: &Tensor,
+        s: &Tensor,
+        _out: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = if s.track_op() {
+            Some(dy.contiguous()?.apply_op1_no_bwd(&FitAdjoint {
+                fit: self.fit.clone(),
+                source: s.dims4()?,
+            })?)
+        } else {
+            None
+        };
+        Ok((Some(dy.clone()), ds))
+    }
+}
+
+/// The gradient of the source: every target pixel's gradient added into the source pixel it
+/// came from (several, when the fit upsamples), 0 for the source's channels the target lacks.
+struct FitAdjoint {
+    fit: Arc<Fit>,
+    source: (usize, usize, usize, usize),
+}
+
+impl CustomOp1 for FitAdjoint {
+    fn name(&self) -> &'static str {
+        "cambrian-skip-add-source-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = contiguous(storage, layout, "skip output gradient")?;
+        let target = layout.shape().dims4()?;
+        self.fit.check(self.source, target)?;
+        let (n, cs, hs, ws) = self.source;
+        let (_, ct, ht, wt) = target;
+        let plane = hs * ws;
+        // SAFETY: chunk `index` is plane (n, c) of the source, and is zeroed whole before
+        // anything is added into it.
+        let ds = unsafe {
+            par_written(n * cs * plane, plane, |index, ds| {
+                for d in ds.iter_mut() {
+                    d.write(0.0);
+                }
+                let ds = assume_written(ds);
+                let (n, c) = (index / cs, index % cs);
+                if c >= ct {
+                    return;
+                }
+                let dy = &dy[(n * ct + c) * ht * wt..][..ht * wt];
+                for (dy, &row) in dy.chunks_exact(wt).zip(&self.fit.rows) {
+                    let ds = &mut ds[row * ws..][..ws];
+                    for (&g, &col) in dy.iter().zip(&self.fit.cols) {
+                        ds[col] += g;
+                    }
+                }
+            })
+        };
+        Ok((CpuStorage::F32(ds), Shape::from(self.source)))
+    }
+}
