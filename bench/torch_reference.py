@@ -190,10 +190,17 @@ def time_op(name, args, device, forward):
 def bench_ops(args, device):
     out = []
     b = args.batch
-    for cin, cout, side, log2s in [(3, 64, 32, 0), (64, 128, 32, 1), (128, 256, 16, 1)]:
-        conv = nn.Conv2d(cin, cout, 3, 1 << log2s, padding=1).to(device)
+    # The same list as OP_CONVOLUTIONS in trainer/src/bench.rs: conv3's layers, then skip's.
+    convolutions = [
+        (3, 64, 32, (3, 3), 0), (64, 128, 32, (3, 3), 1), (128, 256, 16, (3, 3), 1),
+        (32, 32, 32, (3, 3), 0), (32, 64, 32, (3, 3), 1), (64, 64, 16, (3, 5), 0),
+        (64, 64, 16, (3, 3), 0), (64, 128, 16, (3, 3), 1),
+    ]
+    for cin, cout, side, (kh, kw), log2s in convolutions:
+        conv = nn.Conv2d(cin, cout, (kh, kw), 1 << log2s, padding=(kh // 2, kw // 2)).to(device)
         x = torch.randn(b, cin, side, side, device=device, requires_grad=True)
-        out.append(time_op(f"conv3x3 {cin}->{cout} stride {1 << log2s} [{b},{cin},{side},{side}]", args, device, lambda: conv(x)))
+        name = f"conv{kh}x{kw} {cin}->{cout} stride {1 << log2s} [{b},{cin},{side},{side}]"
+        out.append(time_op(name, args, device, lambda: conv(x)))
     for c, side in [(64, 32), (128, 16), (256, 8)]:
         bn = nn.BatchNorm2d(c).to(device).train()
         x = torch.randn(b, c, side, side, device=device, requires_grad=True)

@@ -162,9 +162,24 @@ fn time_op(
     })
 }
 
-/// The layers of the 3-convolution reference model, one by one, through the project's own
+/// Cin, Cout, side, filter (height, width), log2 stride.
+pub type OpConvolution = (usize, usize, usize, (usize, usize), u32);
+
+/// Every distinct convolution of the reference models (`bench/dna`: conv3's three, then the
+/// skip model's), and batch norm at conv3's three sizes, one by one through the project's own
 /// layer types: batch norm in training mode, and each convolution with input and weight
-/// gradients.
+/// gradients. `bench/torch_reference.py --ops` times the same list.
+pub const OP_CONVOLUTIONS: [OpConvolution; 8] = [
+    (3, 64, 32, (3, 3), 0),
+    (64, 128, 32, (3, 3), 1),
+    (128, 256, 16, (3, 3), 1),
+    (32, 32, 32, (3, 3), 0),
+    (32, 64, 32, (3, 3), 1),
+    (64, 64, 16, (3, 5), 0),
+    (64, 64, 16, (3, 3), 0),
+    (64, 128, 16, (3, 3), 1),
+];
+
 pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>, BenchError> {
     let mut out = Vec::new();
     let mut r = rng(0, Stream::Initialisation);
@@ -183,19 +198,20 @@ pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>
         height: s,
         width: s,
     };
-    for (cin, cout, side, log2_stride) in [(3, 64, 32, 0), (64, 128, 32, 1), (128, 256, 16, 1)] {
+    for (index, (cin, cout, side, (kh, kw), log2_stride)) in OP_CONVOLUTIONS.into_iter().enumerate()
+    {
         let conv = Conv2d::new(
             &mut params,
-            &format!("c{cin}"),
+            &format!("c{index}"),
             cin,
             cout,
-            (3, 3),
+            (kh, kw),
             1 << log2_stride,
         )?;
         let x = input(shape(cin, side))?;
         out.push(time_op(
             format!(
-                "conv3x3 {cin}->{cout} stride {} [{b},{cin},{side},{side}]",
+                "conv{kh}x{kw} {cin}->{cout} stride {} [{b},{cin},{side},{side}]",
                 1 << log2_stride
             ),
             config,

@@ -227,7 +227,7 @@ struct BenchArgs {
     warmup: usize,
     #[arg(long, default_value_t = 250)]
     eval_batch: usize,
-    /// Also time batch norm and each convolution of the 3-convolution model, one by one.
+    /// Also time batch norm and each distinct convolution of the reference models, one by one.
     #[arg(long)]
     ops: bool,
     /// Run bench/torch_reference.py with this Python and print the ratios.
