@@ -170,6 +170,22 @@ impl<'a> GemmOperand<'a> {
         k: usize,
         accumulate: bool,
     ) {
+        self.times_into(rhs, out, m, n, k, accumulate, false)
+    }
+
+    /// [`Self::times`], storing the product transposed (`out` [n×m], row-major) if
+    /// `transposed_out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn times_into(
+        &self,
+        rhs: &GemmOperand,
+        out: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+        transposed_out: bool,
+    ) {
         if m == 0 || n == 0 {
             return;
         }
@@ -196,8 +212,8 @@ impl<'a> GemmOperand<'a> {
                 n,
                 k,
                 out.as_mut_ptr(),
-                1,
-                n as isize,
+                if transposed_out { m as isize } else { 1 },
+                if transposed_out { 1 } else { n as isize },
                 accumulate,
                 self.data.as_ptr(),
                 self.column_stride as isize,
