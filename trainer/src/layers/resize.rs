@@ -113,8 +113,9 @@ mod tests {
     }
 
     /// The fused CPU op against the composed one: output and both gradients, for equal
-    /// shapes, downsampling with more and with fewer channels, and upsampling (several
-    /// target pixels from one source pixel, whose gradients add up).
+    /// shapes, downsampling by 2 and by 4 (the row loops without indexing), by an uneven
+    /// factor with fewer channels, and upsampling (several target pixels from one source
+    /// pixel, whose gradients add up).
     #[test]
     fn fused_skip_add_matches_composed() {
         use candle_core::Var;
@@ -129,6 +130,7 @@ mod tests {
             (shape(2, 8, 6), shape(4, 4, 3)),
             (shape(5, 9, 7), shape(3, 3, 2)),
             (shape(2, 2, 3), shape(2, 5, 4)),
+            (shape(3, 8, 8), shape(3, 2, 2)),
         ] {
             let n = 3;
             let s = Var::from_tensor(

@@ -9,6 +9,7 @@
 //! forward is one parallel pass over the output planes, and the backward one parallel pass
 //! over the source planes.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -25,6 +26,21 @@ pub struct Fit {
 }
 
 impl Fit {
+    /// `Some(k)` where target column x is source column k·x and the source row is exactly k
+    /// times as wide, so that every row is a whole number of k-wide chunks.
+    fn column_step(&self, source_width: usize) -> Option<usize> {
+        let target_width = self.cols.len();
+        if target_width == 0 || !source_width.is_multiple_of(target_width) {
+            return None;
+        }
+        let k = source_width / target_width;
+        self.cols
+            .iter()
+            .enumerate()
+            .all(|(x, &col)| col == k * x)
+            .then_some(k)
+    }
+
     /// Checks `source` [N, Cs, Hs, Ws] and `target` [N, Ct, Ht, Wt] against the indices.
     fn check(
         &self,
@@ -45,6 +61,39 @@ impl Fit {
             candle_core::bail!("skip connection: an index lies outside the {hs}x{ws} source");
         }
         Ok(())
+    }
+}
+
+/// `out[x] = v[x] + src[cols[x]]` for one row. Two of the skip model's three skips keep the
+/// size, and the third halves it, so those two cases get loops without indexing, which
+/// vectorise: the indexed loop was 2.7% of the skip model's profile on its own.
+#[inline]
+fn add_row(
+    out: &mut [MaybeUninit<f32>],
+    v: &[f32],
+    src: &[f32],
+    cols: &[usize],
+    step: Option<usize>,
+) {
+    fn stepped<const S: usize>(out: &mut [MaybeUninit<f32>], v: &[f32], src: &[f32]) {
+        let (chunks, _) = src.as_chunks::<S>();
+        for ((o, &v), chunk) in out.iter_mut().zip(v).zip(chunks) {
+            o.write(v + chunk[0]);
+        }
+    }
+    match step {
+        Some(1) => {
+            for ((o, &v), &s) in out.iter_mut().zip(v).zip(src) {
+                o.write(v + s);
+            }
+        }
+        Some(2) => stepped::<2>(out, v, src),
+        Some(4) => stepped::<4>(out, v, src),
+        _ => {
+            for ((o, &v), &col) in out.iter_mut().zip(v).zip(cols) {
+                o.write(v + src[col]);
+            }
+        }
     }
 }
 
@@ -86,15 +135,13 @@ impl CustomOp2 for SkipAdd {
                     return;
                 }
                 let src = &s[(n * cs + c) * hs * ws..][..hs * ws];
+                let step = self.fit.column_step(ws);
                 for ((out, v), &row) in out
                     .chunks_exact_mut(wt)
                     .zip(v.chunks_exact(wt))
                     .zip(&self.fit.rows)
                 {
-                    let src = &src[row * ws..][..ws];
-                    for ((o, &v), &col) in out.iter_mut().zip(v).zip(&self.fit.cols) {
-                        o.write(v + src[col]);
-                    }
+                    add_row(out, v, &src[row * ws..][..ws], &self.fit.cols, step);
                 }
             })
         };
