@@ -85,6 +85,14 @@ impl Resize {
 mod tests {
     use super::*;
 
+    fn shape(channels: usize, height: usize, width: usize) -> Shape3 {
+        Shape3 {
+            channels,
+            height,
+            width,
+        }
+    }
+
     #[test]
     fn nearest_downsampling_and_channel_fit() {
         let d = Device::Cpu;
@@ -92,11 +100,6 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 4, 4))
             .unwrap();
-        let shape = |c, h, w| Shape3 {
-            channels: c,
-            height: h,
-            width: w,
-        };
         let y = Resize::new(shape(1, 4, 4), shape(2, 2, 2), &d)
             .unwrap()
             .forward(&x)
@@ -120,11 +123,6 @@ mod tests {
     fn fused_skip_add_matches_composed() {
         use candle_core::Var;
         let d = Device::Cpu;
-        let shape = |c, h, w| Shape3 {
-            channels: c,
-            height: h,
-            width: w,
-        };
         for (from, to) in [
             (shape(3, 4, 4), shape(3, 4, 4)),
             (shape(2, 8, 6), shape(4, 4, 3)),
@@ -183,11 +181,6 @@ mod tests {
     #[test]
     fn fused_skip_add_rejects_shapes_it_does_not_fit() {
         let d = Device::Cpu;
-        let shape = |c, h, w| Shape3 {
-            channels: c,
-            height: h,
-            width: w,
-        };
         let resize = Resize::new(shape(2, 8, 8), shape(2, 4, 4), &d).unwrap();
         let v = Tensor::zeros((1, 2, 4, 4), DType::F32, &d).unwrap();
         let wrong_source = Tensor::zeros((1, 2, 3, 3), DType::F32, &d).unwrap();
