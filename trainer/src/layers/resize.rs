@@ -15,7 +15,7 @@ pub struct Resize {
     cols: Option<Tensor>,
     from_channels: usize,
     to_channels: usize,
-    /// The same indices for the fused CPU op.
+    /// The indices themselves, for the fused CPU op; `rows` and `cols` are made from them.
     fit: Arc<Fit>,
 }
 
@@ -25,28 +25,30 @@ fn nearest(from: usize, to: usize) -> Vec<usize> {
     (0..to).map(|i| i * from / to).collect()
 }
 
-/// [`nearest`] as an index tensor, or `None` where the sizes agree.
-fn nearest_tensor(from: usize, to: usize, device: &Device) -> Result<Option<Tensor>> {
-    if from == to {
+/// `index` as a tensor for `index_select`, or `None` where the sizes agree.
+fn index_tensor(index: &[usize], from: usize, device: &Device) -> Result<Option<Tensor>> {
+    if from == index.len() {
         return Ok(None);
     }
-    let index: Vec<u32> = nearest(from, to).into_iter().map(|i| i as u32).collect();
-    Tensor::from_vec(index, to, device)?
+    let index: Vec<u32> = index.iter().map(|&i| i as u32).collect();
+    let len = index.len();
+    Tensor::from_vec(index, len, device)?
         .to_dtype(DType::U32)
         .map(Some)
 }
 
 impl Resize {
     pub fn new(from: Shape3, to: Shape3, device: &Device) -> Result<Self> {
+        let fit = Fit {
+            rows: nearest(from.height, to.height),
+            cols: nearest(from.width, to.width),
+        };
         Ok(Self {
-            rows: nearest_tensor(from.height, to.height, device)?,
-            cols: nearest_tensor(from.width, to.width, device)?,
+            rows: index_tensor(&fit.rows, from.height, device)?,
+            cols: index_tensor(&fit.cols, from.width, device)?,
             from_channels: from.channels,
             to_channels: to.channels,
-            fit: Arc::new(Fit {
-                rows: nearest(from.height, to.height),
-                cols: nearest(from.width, to.width),
-            }),
+            fit: Arc::new(fit),
         })
     }
 

@@ -282,12 +282,10 @@ fn scatter_add(dst: &mut [f32], values: &[f32], stride: usize) {
 /// At stride 1 and 32 pixels a row, im2col and its short copies took a fifth of the skip
 /// model's training time on the CPU (`perf`); after the whole-plane copies and [`gather`],
 /// 12%. The strided gathers were 14% of the 3-convolution model's profile.
-struct Phased {
-    /// Output height and width, which are each phase's.
-    h: usize,
-    w: usize,
-    stride: usize,
-}
+///
+/// Found only where it applies ([`Phased::of`]); the sizes it works with are the [`Dims`]
+/// every method is given (each phase is `oh×ow`).
+struct Phased;
 
 /// Where filter tap (i, j) reads: which phase, and the offset in output rows and columns.
 struct Tap {
@@ -301,16 +299,12 @@ struct Tap {
 impl Phased {
     fn of(d: &Dims) -> Option<Self> {
         let s = d.g.stride;
-        (d.oh * s == d.h && d.ow * s == d.w).then_some(Self {
-            h: d.oh,
-            w: d.ow,
-            stride: s,
-        })
+        (d.oh * s == d.h && d.ow * s == d.w).then_some(Self)
     }
 
     /// Floats of scratch the phases need: none at stride 1.
     fn phases_len(&self, d: &Dims) -> usize {
-        if self.stride == 1 {
+        if d.g.stride == 1 {
             0
         } else {
             d.image()
@@ -322,14 +316,14 @@ impl Phased {
     /// positions whose shifted pixel lies in the plane, and the columns `first..last` that
     /// read the phase rather than padding.
     fn tap(&self, d: &Dims, i: usize, j: usize) -> Tap {
-        let s = self.stride as isize;
+        let s = d.g.stride as isize;
         let (a, b) = (
             i as isize - d.g.pad_h as isize,
             j as isize - d.g.pad_w as isize,
         );
         let (ra, qa) = (a.rem_euclid(s) as usize, a.div_euclid(s));
         let (rb, qb) = (b.rem_euclid(s) as usize, b.div_euclid(s));
-        let (h, w) = (self.h as isize, self.w as isize);
+        let (h, w) = (d.oh as isize, d.ow as isize);
         // Output row y reads phase row y + qa, which must lie in 0..h; columns likewise.
         let span = |q: isize, n: isize| {
             let first = (-q).clamp(0, n);
@@ -346,7 +340,7 @@ impl Phased {
             .min(rows.end as isize * w);
         let end = ((rows.end as isize) * w).min(plane - shift).max(start);
         Tap {
-            phase: ra * self.stride + rb,
+            phase: ra * d.g.stride + rb,
             rows,
             shift,
             valid: start as usize..end as usize,
@@ -356,7 +350,7 @@ impl Phased {
 
     /// Splits each input plane of `x` into its phases, in `phases` [Cin × s² × oh·ow].
     fn split(&self, x: &[f32], d: &Dims, phases: &mut [f32]) {
-        let (s, p) = (self.stride, self.h * self.w);
+        let (s, p) = (d.g.stride, d.oh * d.ow);
         for (src, dst) in x
             .chunks_exact(d.h * d.w)
             .zip(phases.chunks_exact_mut(s * s * p))
@@ -364,7 +358,7 @@ impl Phased {
             for ra in 0..s {
                 for rb in 0..s {
                     let dst = &mut dst[(ra * s + rb) * p..][..p];
-                    for (y, row) in dst.chunks_exact_mut(self.w).enumerate() {
+                    for (y, row) in dst.chunks_exact_mut(d.ow).enumerate() {
                         gather(row, &src[(y * s + ra) * d.w + rb..], s);
                     }
                 }
@@ -374,7 +368,7 @@ impl Phased {
 
     /// The adjoint of [`Self::split`]: every phase pixel added back into `dx`.
     fn merge(&self, phases: &[f32], d: &Dims, dx: &mut [f32]) {
-        let (s, p) = (self.stride, self.h * self.w);
+        let (s, p) = (d.g.stride, d.oh * d.ow);
         for (dst, src) in dx
             .chunks_exact_mut(d.h * d.w)
             .zip(phases.chunks_exact(s * s * p))
@@ -382,7 +376,7 @@ impl Phased {
             for ra in 0..s {
                 for rb in 0..s {
                     let src = &src[(ra * s + rb) * p..][..p];
-                    for (y, row) in src.chunks_exact(self.w).enumerate() {
+                    for (y, row) in src.chunks_exact(d.ow).enumerate() {
                         scatter_add(&mut dst[(y * s + ra) * d.w + rb..], row, s);
                     }
                 }
@@ -391,15 +385,15 @@ impl Phased {
     }
 
     fn im2col(&self, x: &[f32], d: &Dims, col: &mut [f32], phases: &mut [f32]) {
-        let (w, p) = (self.w, d.p());
-        let planes: &[f32] = if self.stride == 1 {
+        let (w, p) = (d.ow, d.p());
+        let planes: &[f32] = if d.g.stride == 1 {
             x
         } else {
             let phases = &mut phases[..d.image()];
             self.split(x, d, phases);
             phases
         };
-        let per_channel = self.stride * self.stride * p;
+        let per_channel = d.g.stride * d.g.stride * p;
         // Taps outside, channels inside: a tap's ranges are the same for every channel.
         for i in 0..d.kh {
             for j in 0..d.kw {
@@ -424,15 +418,15 @@ impl Phased {
     }
 
     fn col2im(&self, col: &mut [f32], d: &Dims, dx: &mut [f32], phases: &mut [f32]) {
-        let (w, p) = (self.w, d.p());
-        let planes: &mut [f32] = if self.stride == 1 {
+        let (w, p) = (d.ow, d.p());
+        let planes: &mut [f32] = if d.g.stride == 1 {
             dx
         } else {
             let phases = &mut phases[..d.image()];
             phases.fill(0.0);
             phases
         };
-        let per_channel = self.stride * self.stride * p;
+        let per_channel = d.g.stride * d.g.stride * p;
         for i in 0..d.kh {
             for j in 0..d.kw {
                 let tap = self.tap(d, i, j);
@@ -454,7 +448,7 @@ impl Phased {
                 }
             }
         }
-        if self.stride != 1 {
+        if d.g.stride != 1 {
             self.merge(&phases[..d.image()], d, dx);
         }
     }

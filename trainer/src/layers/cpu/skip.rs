@@ -122,6 +122,7 @@ impl CustomOp2 for SkipAdd {
         let (_, ct, ht, wt) = target;
         let (_, cs, hs, ws) = source;
         let plane = ht * wt;
+        let step = self.fit.column_step(ws);
         // SAFETY: chunk `index` is plane (n, c) of the target, and every element of it is
         // written, from v alone or from v plus the source pixel.
         let out = unsafe {
@@ -135,7 +136,6 @@ impl CustomOp2 for SkipAdd {
                     return;
                 }
                 let src = &s[(n * cs + c) * hs * ws..][..hs * ws];
-                let step = self.fit.column_step(ws);
                 for ((out, v), &row) in out
                     .chunks_exact_mut(wt)
                     .zip(v.chunks_exact(wt))

@@ -362,8 +362,9 @@ pub fn conv2d(
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
     let (n, cin, h, w) = x.dims4()?;
-    let (cout, _, kh, kw) = weight.dims4()?;
-    let (oh, ow) = g.output_size(x.dims4()?, weight.dims4()?)?;
+    let kernel = weight.dims4()?;
+    let (cout, _, kh, kw) = kernel;
+    let (oh, ow) = g.output_size((n, cin, h, w), kernel)?;
     let groups = groups.unwrap_or_else(|| groups_for(n, cout, cin * kh * kw));
     if groups == 0 || !n.is_multiple_of(groups) {
         candle_core::bail!("conv2d: {groups} groups do not divide a batch of {n}");
