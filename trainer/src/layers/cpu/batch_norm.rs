@@ -6,6 +6,7 @@
 //! input gradient), with channels in parallel for the statistics and planes in parallel for
 //! the element-wise pass.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -41,8 +42,7 @@ pub(crate) fn statistics(x: &[f32], n: usize, c: usize, plane: usize) -> (Vec<f3
     let per_plane: Vec<(f64, f64)> = x
         .par_chunks(plane)
         .map(|p| {
-            let mean = lane_sum(p, |v| v) / plane as f32;
-            let m2 = lane_sum(p, |v| (v - mean) * (v - mean));
+            let (mean, m2) = plane_moments(p);
             (f64::from(mean), f64::from(m2))
         })
         .collect();
@@ -72,11 +72,26 @@ pub(crate) fn scale_shift_relu(
     unsafe {
         par_written(x.len(), plane, |index, y| {
             let x = &x[index * plane..][..y.len()];
-            let (a, b) = (scale[index % c], shift[index % c]);
-            for (y, &x) in y.iter_mut().zip(x) {
-                y.write((x * a + b).max(0.0));
-            }
+            relu_affine(y, x, scale[index % c], shift[index % c]);
         })
+    }
+}
+
+vectorised! {
+    /// The mean of one plane and its sum of squared deviations from it: two passes while the
+    /// plane sits in L1.
+    fn plane_moments(p: &[f32]) -> (f32, f32) {
+        let mean = lane_sum(p, |v| v) / p.len() as f32;
+        (mean, lane_sum(p, |v| (v - mean) * (v - mean)))
+    }
+}
+
+vectorised! {
+    /// y = relu(x · a + b) over one plane.
+    fn relu_affine(y: &mut [MaybeUninit<f32>], x: &[f32], a: f32, b: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            y.write((x * a + b).max(0.0));
+        }
     }
 }
 
@@ -274,40 +289,75 @@ impl CustomOp3 for Backward {
                 let ch = index % c;
                 let (sum_g, sum_gx) = sums[ch];
                 let (m, s) = (mean[ch], inv_std[ch]);
-                let k = self.gamma[ch] * s / count;
-                let (x, y, dy) = (
-                    &x[at..at + dx.len()],
-                    &y[at..at + dx.len()],
-                    &dy[at..at + dx.len()],
+                let coefficients = InputGrad {
+                    k: self.gamma[ch] * s / count,
+                    count,
+                    sum_g,
+                    sum_gx,
+                    mean: m,
+                    inv_std: s,
+                };
+                let len = dx.len();
+                input_grad(
+                    dx,
+                    &x[at..at + len],
+                    &y[at..at + len],
+                    &dy[at..at + len],
+                    &coefficients,
                 );
-                for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-                    let g = if y > 0.0 { dy } else { 0.0 };
-                    dx.write(k * (count * g - sum_g - (x - m) * s * sum_gx));
-                }
             })
         };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }
 
-/// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0).
-///
-/// In blocks: first g alone (an element-wise select, which vectorises), then the two sums
-/// over it in lanes of 8. Written as one loop, the select inside the lane sums made LLVM emit
-/// scalar code with a branch per element, 3× slower than the rest of the backward pass.
-fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
-    const BLOCK: usize = 256;
-    let mut g = [0f32; BLOCK];
-    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-    for ((x, y), dy) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
-        let g = &mut g[..x.len()];
-        for ((g, &y), &dy) in g.iter_mut().zip(y).zip(dy) {
-            *g = if y > 0.0 { dy } else { 0.0 };
+/// One channel's constants of the input gradient.
+struct InputGrad {
+    /// γ · inv_std / count.
+    k: f32,
+    count: f32,
+    sum_g: f32,
+    sum_gx: f32,
+    mean: f32,
+    inv_std: f32,
+}
+
+vectorised! {
+    /// dx over one plane, g being dy through the ReLU.
+    fn input_grad(
+        dx: &mut [MaybeUninit<f32>],
+        x: &[f32],
+        y: &[f32],
+        dy: &[f32],
+        c: &InputGrad,
+    ) {
+        for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+            let g = if y > 0.0 { dy } else { 0.0 };
+            dx.write(c.k * (c.count * g - c.sum_g - (x - c.mean) * c.inv_std * c.sum_gx));
         }
-        sum_g += lane_sum(g, |v| v);
-        sum_gx += lane_dot(g, x, m);
     }
-    (sum_g, sum_gx * s)
+}
+
+vectorised! {
+    /// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0).
+    ///
+    /// In blocks: first g alone (an element-wise select, which vectorises), then the two sums
+    /// over it in lanes of 8. Written as one loop, the select inside the lane sums made LLVM emit
+    /// scalar code with a branch per element, 3× slower than the rest of the backward pass.
+    fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
+        const BLOCK: usize = 256;
+        let mut g = [0f32; BLOCK];
+        let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+        for ((x, y), dy) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
+            let g = &mut g[..x.len()];
+            for ((g, &y), &dy) in g.iter_mut().zip(y).zip(dy) {
+                *g = if y > 0.0 { dy } else { 0.0 };
+            }
+            sum_g += lane_sum(g, |v| v);
+            sum_gx += lane_dot(g, x, m);
+        }
+        (sum_g, sum_gx * s)
+    }
 }
 
 /// Σ g·(x − m) in lanes of 8, like [`lane_sum`].

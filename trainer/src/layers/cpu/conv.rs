@@ -22,7 +22,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::{
-    assume_written, contiguous, lane_sum, par_written, transpose, with_scratch, GemmOperand,
+    add_into, assume_written, contiguous, lane_sum, par_written, transpose, with_scratch,
+    GemmOperand,
 };
 
 /// Stride and zero padding (per side) of a convolution.
@@ -231,9 +232,7 @@ fn col2im_by_rows(col: &[f32], d: &Dims, dx: &mut [f32]) {
                     let start = first * s + j - d.g.pad_w;
                     let values = &row[oy * d.ow + first..oy * d.ow + last];
                     if s == 1 {
-                        for (d, v) in dst[start..start + values.len()].iter_mut().zip(values) {
-                            *d += v;
-                        }
+                        add_into(&mut dst[start..start + values.len()], values);
                     } else {
                         scatter_add(&mut dst[start..], values, s);
                     }
@@ -438,12 +437,10 @@ impl Phased {
                     zero_columns(row, w, &tap.rows, first, last);
                     if !tap.valid.is_empty() {
                         let to = (tap.valid.start as isize + tap.shift) as usize;
-                        for (d, v) in plane[to..to + tap.valid.len()]
-                            .iter_mut()
-                            .zip(&row[tap.valid.clone()])
-                        {
-                            *d += v;
-                        }
+                        add_into(
+                            &mut plane[to..to + tap.valid.len()],
+                            &row[tap.valid.clone()],
+                        );
                     }
                 }
             }
@@ -714,9 +711,7 @@ impl CustomOp2 for WeightGrad {
             .collect();
         let mut sum = vec![0f32; size + d.cout];
         for partial in partials {
-            for (a, b) in sum.iter_mut().zip(partial) {
-                *a += b;
-            }
+            add_into(&mut sum, &partial);
         }
         if transposed {
             let dwt = sum[..size].to_vec();

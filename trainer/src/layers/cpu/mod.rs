@@ -2,6 +2,22 @@
 //! own backward passes: convolution (im2col + GEMM) and batch norm fused with its ReLU.
 //! Their CUDA counterparts are in `layers::gpu`.
 
+/// Compiles an element-wise kernel (a free function) three times, for AVX-512, AVX2 and the
+/// SSE2 baseline, and picks the best the CPU has at run time. `gemm` does this for its own
+/// kernels; ours otherwise compile for SSE2 only, since a binary built for AVX2 would die
+/// with SIGILL on a CPU without it. Floating-point results do not depend on the clone:
+/// without fast-math, LLVM keeps the source's order of operations and never fuses a
+/// multiply and an add.
+macro_rules! vectorised {
+    ($kernel:item) => {
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+fma",
+            "x86_64+avx2+fma"
+        ))]
+        $kernel
+    };
+}
+
 pub mod batch_norm;
 pub mod conv;
 pub mod cross_entropy;
@@ -126,6 +142,15 @@ pub(crate) fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+vectorised! {
+    /// dst += src, element by element.
+    fn add_into(dst: &mut [f32], src: &[f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
 }
 
 /// A matrix for `gemm`: data with a row stride and a column stride, so that a row-major
