@@ -9,7 +9,7 @@
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous, lane_sum, par_written, par_written_then};
@@ -21,6 +21,10 @@ pub struct BatchStats {
     /// Biased variance (divided by the number of elements per channel).
     pub var: Vec<f32>,
     pub inv_std: Vec<f32>,
+    /// The forward pass's map per channel, y = relu(x · scale + shift): the backward pass
+    /// finds the ReLU's mask from it and x, rather than reading y as a third stream.
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
 }
 
 fn dims(layout: &Layout) -> Result<(usize, usize, usize)> {
@@ -159,7 +163,13 @@ impl CustomOp3 for BatchNormReluTrain {
         let scale: Vec<f32> = (0..c).map(|ch| gamma[ch] * inv_std[ch]).collect();
         let shift: Vec<f32> = (0..c).map(|ch| beta[ch] - mean[ch] * scale[ch]).collect();
         let y = scale_shift_relu(x, c, plane, &scale, &shift);
-        self.stats.set(BatchStats { mean, var, inv_std });
+        self.stats.set(BatchStats {
+            mean,
+            var,
+            inv_std,
+            scale,
+            shift,
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -168,7 +178,7 @@ impl CustomOp3 for BatchNormReluTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        y: &Tensor,
+        _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.stats.get() else {
@@ -176,8 +186,7 @@ impl CustomOp3 for BatchNormReluTrain {
         };
         let (n, c, h, w) = x.dims4()?;
         let elements = n * c * h * w;
-        let packed = x.apply_op3_no_bwd(
-            y,
+        let packed = x.apply_op2_no_bwd(
             &dy.contiguous()?,
             &Backward {
                 stats,
@@ -191,27 +200,36 @@ impl CustomOp3 for BatchNormReluTrain {
     }
 }
 
-/// The backward pass, from (x, y, dy): dx, dgamma and dbeta packed into one vector.
+/// The backward pass, from (x, dy): dx, dgamma and dbeta packed into one vector.
 pub(crate) struct Backward {
     stats: BatchStats,
     gamma: Vec<f32>,
 }
 
 impl Backward {
-    /// `var` is not used by the backward pass.
-    pub(crate) fn new(mean: Vec<f32>, inv_std: Vec<f32>, gamma: Vec<f32>) -> Self {
+    /// `scale` and `shift` are the forward pass's own (see [`BatchStats`]).
+    pub(crate) fn new(
+        mean: Vec<f32>,
+        inv_std: Vec<f32>,
+        gamma: Vec<f32>,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    ) -> Self {
         Self {
             stats: BatchStats {
                 mean,
+                // Not used by the backward pass.
                 var: Vec::new(),
                 inv_std,
+                scale,
+                shift,
             },
             gamma,
         }
     }
 }
 
-impl CustomOp3 for Backward {
+impl CustomOp2 for Backward {
     fn name(&self) -> &'static str {
         "cambrian-batch-norm-relu-backward"
     }
@@ -222,23 +240,39 @@ impl CustomOp3 for Backward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s1, l1, "batch norm input")?;
-        let y = contiguous(s2, l2, "batch norm output")?;
-        let dy = contiguous(s3, l3, "batch norm output gradient")?;
+        let dy = contiguous(s2, l2, "batch norm output gradient")?;
         let (n, c, plane) = dims(l1)?;
-        if y.len() != x.len() || dy.len() != x.len() {
+        let BatchStats {
+            mean,
+            inv_std,
+            scale,
+            shift,
+            ..
+        } = &self.stats;
+        if dy.len() != x.len() {
             candle_core::bail!(
-                "batch norm backward: input, output and gradient have {}, {} and {} values",
+                "batch norm backward: {} input values but {} gradient values",
                 x.len(),
-                y.len(),
                 dy.len()
             );
         }
+        if [
+            mean.len(),
+            inv_std.len(),
+            scale.len(),
+            shift.len(),
+            self.gamma.len(),
+        ]
+        .iter()
+        .any(|&len| len != c)
+        {
+            candle_core::bail!(
+                "batch norm backward: per-channel values for other than {c} channels"
+            );
+        }
         let count = (n * plane) as f32;
-        let BatchStats { mean, inv_std, .. } = &self.stats;
         // Per channel: Σ g and Σ g·x̂, where g is dy through the ReLU (0 where y = 0). Samples
         // in parallel, each walking its planes in memory order: a channel-major walk jumps a
         // whole sample ahead every plane, which defeats the hardware prefetcher (4x slower).
@@ -251,8 +285,11 @@ impl CustomOp3 for Backward {
                         let at = at + ch * plane;
                         let (g, gx) = plane_sums(
                             &x[at..at + plane],
-                            &y[at..at + plane],
                             &dy[at..at + plane],
+                            &Relu {
+                                scale: scale[ch],
+                                shift: shift[ch],
+                            },
                             mean[ch],
                             inv_std[ch],
                         );
@@ -282,7 +319,7 @@ impl CustomOp3 for Backward {
             .chain(sums.iter().map(|s| s.0))
             .collect();
         // SAFETY: chunk `index` is plane `index` of the batch, and every element of it is
-        // written from the same plane of x, y and dy, which have the batch's length.
+        // written from the same plane of x and dy, which have the batch's length.
         let out = unsafe {
             par_written_then(x.len(), plane, &tail, |index, dx| {
                 let at = index * plane;
@@ -290,6 +327,10 @@ impl CustomOp3 for Backward {
                 let (sum_g, sum_gx) = sums[ch];
                 let (m, s) = (mean[ch], inv_std[ch]);
                 let coefficients = InputGrad {
+                    relu: Relu {
+                        scale: scale[ch],
+                        shift: shift[ch],
+                    },
                     k: self.gamma[ch] * s / count,
                     count,
                     sum_g,
@@ -298,21 +339,35 @@ impl CustomOp3 for Backward {
                     inv_std: s,
                 };
                 let len = dx.len();
-                input_grad(
-                    dx,
-                    &x[at..at + len],
-                    &y[at..at + len],
-                    &dy[at..at + len],
-                    &coefficients,
-                );
+                input_grad(dx, &x[at..at + len], &dy[at..at + len], &coefficients);
             })
         };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
 }
 
+/// One channel's map x ↦ x · scale + shift, before the ReLU.
+struct Relu {
+    scale: f32,
+    shift: f32,
+}
+
+impl Relu {
+    /// dy through the ReLU: 0 where the forward pass's output was. The same arithmetic as
+    /// [`relu_affine`]'s, so the same mask: Rust never fuses the multiply and the add.
+    #[inline(always)]
+    fn gate(&self, x: f32, dy: f32) -> f32 {
+        if x * self.scale + self.shift > 0.0 {
+            dy
+        } else {
+            0.0
+        }
+    }
+}
+
 /// One channel's constants of the input gradient.
 struct InputGrad {
+    relu: Relu,
     /// γ · inv_std / count.
     k: f32,
     count: f32,
@@ -324,34 +379,28 @@ struct InputGrad {
 
 vectorised! {
     /// dx over one plane, g being dy through the ReLU.
-    fn input_grad(
-        dx: &mut [MaybeUninit<f32>],
-        x: &[f32],
-        y: &[f32],
-        dy: &[f32],
-        c: &InputGrad,
-    ) {
-        for (((dx, &x), &y), &dy) in dx.iter_mut().zip(x).zip(y).zip(dy) {
-            let g = if y > 0.0 { dy } else { 0.0 };
+    fn input_grad(dx: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32], c: &InputGrad) {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let g = c.relu.gate(x, dy);
             dx.write(c.k * (c.count * g - c.sum_g - (x - c.mean) * c.inv_std * c.sum_gx));
         }
     }
 }
 
 vectorised! {
-    /// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU (0 where y = 0).
+    /// Σ g and Σ g·x̂ over one plane, g being dy through the ReLU.
     ///
     /// In blocks: first g alone (an element-wise select, which vectorises), then the two sums
     /// over it in lanes of 8. Written as one loop, the select inside the lane sums made LLVM emit
     /// scalar code with a branch per element, 3× slower than the rest of the backward pass.
-    fn plane_sums(x: &[f32], y: &[f32], dy: &[f32], m: f32, s: f32) -> (f32, f32) {
+    fn plane_sums(x: &[f32], dy: &[f32], relu: &Relu, m: f32, s: f32) -> (f32, f32) {
         const BLOCK: usize = 256;
         let mut g = [0f32; BLOCK];
         let (mut sum_g, mut sum_gx) = (0f32, 0f32);
-        for ((x, y), dy) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
+        for (x, dy) in x.chunks(BLOCK).zip(dy.chunks(BLOCK)) {
             let g = &mut g[..x.len()];
-            for ((g, &y), &dy) in g.iter_mut().zip(y).zip(dy) {
-                *g = if y > 0.0 { dy } else { 0.0 };
+            for ((g, &x), &dy) in g.iter_mut().zip(x).zip(dy) {
+                *g = relu.gate(x, dy);
             }
             sum_g += lane_sum(g, |v| v);
             sum_gx += lane_dot(g, x, m);

@@ -8,7 +8,7 @@
 //! pass. Each op also runs on the CPU, with the CPU kernels' arithmetic, so that the default
 //! tests check how the layer composes them.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::layers::cpu::{self, contiguous};
 
@@ -141,6 +141,8 @@ impl CustomOp3 for TrainForward {
                 mean: self.mean.clone(),
                 inv_std: self.inv_std.clone(),
                 gamma: gamma.detach(),
+                scale: self.scale.clone(),
+                shift: self.shift.clone(),
             },
         )?;
         let dx = packed.narrow(0, 0, elements)?.reshape((n, c, h, w))?;
@@ -189,6 +191,9 @@ struct Backward {
     mean: Tensor,
     inv_std: Tensor,
     gamma: Tensor,
+    /// The forward pass's map, which the CPU backward pass takes its ReLU mask from.
+    scale: Tensor,
+    shift: Tensor,
 }
 
 impl CustomOp3 for Backward {
@@ -200,8 +205,9 @@ impl CustomOp3 for Backward {
         &self,
         s1: &CpuStorage,
         l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        // y: the CPU pass finds the ReLU's mask from x and the map instead.
+        _: &CpuStorage,
+        _: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
@@ -209,8 +215,10 @@ impl CustomOp3 for Backward {
             self.mean.to_vec1()?,
             self.inv_std.to_vec1()?,
             self.gamma.to_vec1()?,
+            self.scale.to_vec1()?,
+            self.shift.to_vec1()?,
         )
-        .cpu_fwd(s1, l1, s2, l2, s3, l3)
+        .cpu_fwd(s1, l1, s3, l3)
     }
 
     #[cfg(feature = "cuda")]
