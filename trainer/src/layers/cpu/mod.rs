@@ -195,28 +195,32 @@ impl<'a> GemmOperand<'a> {
         k: usize,
         accumulate: bool,
     ) {
-        self.times_into(rhs, out, m, n, k, accumulate, false)
+        self.times_strided(rhs, out, (n, 1), (m, n, k), accumulate)
     }
 
-    /// [`Self::times`], storing the product transposed (`out` [n×m], row-major) if
-    /// `transposed_out`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn times_into(
+    /// [`Self::times`] into an `out` whose rows are `strides.0` apart and whose columns
+    /// `strides.1`: (1, m) stores the product transposed, and (n + pad, 1) leaves a gap
+    /// after each row.
+    pub fn times_strided(
         &self,
         rhs: &GemmOperand,
         out: &mut [f32],
-        m: usize,
-        n: usize,
-        k: usize,
+        strides: (usize, usize),
+        (m, n, k): (usize, usize, usize),
         accumulate: bool,
-        transposed_out: bool,
     ) {
         if m == 0 || n == 0 {
             return;
         }
+        let out_extent = (m - 1) * strides.0 + (n - 1) * strides.1 + 1;
+        assert!(out.len() >= out_extent, "gemm: output too short");
         if k == 0 {
             if !accumulate {
-                out[..m * n].fill(0.0);
+                for r in 0..m {
+                    for c in 0..n {
+                        out[r * strides.0 + c * strides.1] = 0.0;
+                    }
+                }
             }
             return;
         }
@@ -228,7 +232,6 @@ impl<'a> GemmOperand<'a> {
             rhs.data.len() >= rhs.extent(k, n),
             "gemm: right operand too short"
         );
-        assert!(out.len() >= m * n, "gemm: output too short");
         // SAFETY: the extents checked above keep every access inside the three slices, and
         // `out` does not alias the operands (it is borrowed mutably).
         unsafe {
@@ -237,8 +240,8 @@ impl<'a> GemmOperand<'a> {
                 n,
                 k,
                 out.as_mut_ptr(),
-                if transposed_out { m as isize } else { 1 },
-                if transposed_out { 1 } else { n as isize },
+                strides.1 as isize,
+                strides.0 as isize,
                 accumulate,
                 self.data.as_ptr(),
                 self.column_stride as isize,
