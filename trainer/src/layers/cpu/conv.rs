@@ -558,28 +558,32 @@ impl CustomOp3 for Conv2d {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(
-                w,
-                &InputGrad {
-                    geometry: self.geometry,
-                    input: x.dims4()?,
-                },
-            )?)
-        } else {
-            None
+        let input_grad = || -> Result<Option<Tensor>> {
+            if !x.track_op() {
+                return Ok(None);
+            }
+            let op = InputGrad {
+                geometry: self.geometry,
+                input: x.dims4()?,
+            };
+            dy.apply_op2_no_bwd(w, &op).map(Some)
         };
         if !(w.track_op() || b.track_op()) {
-            return Ok((dx, None, None));
+            return Ok((input_grad()?, None, None));
         }
         let kernel = w.dims4()?;
-        let packed = x.apply_op2_no_bwd(
-            &dy,
-            &WeightGrad {
+        let weight_grad = || {
+            let op = WeightGrad {
                 geometry: self.geometry,
                 kernel,
-            },
-        )?;
+            };
+            x.apply_op2_no_bwd(&dy, &op)
+        };
+        // The two gradients side by side: each splits its images between the threads, and
+        // whichever thread runs out of images first takes work from the other gradient
+        // instead of waiting at the end of one.
+        let (dx, packed) = rayon::join(input_grad, weight_grad);
+        let (dx, packed) = (dx?, packed?);
         let size = kernel.0 * kernel.1 * kernel.2 * kernel.3;
         let dw = packed.narrow(0, 0, size)?.reshape(kernel)?;
         let db = packed.narrow(0, size, kernel.0)?;
