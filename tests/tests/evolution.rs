@@ -44,6 +44,7 @@ fn trainer(split: Arc<Split>, spec: &crds::EvolutionExperimentSpec) -> Arc<dyn C
         },
         device: Device::Cpu,
         tf32: false,
+        cpu_threads: trainer::threads::cpu_share(spec.workers() as usize),
     })
 }
 

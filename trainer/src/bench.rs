@@ -28,6 +28,8 @@ pub enum BenchError {
     Tensor(#[from] candle_core::Error),
     #[error("reading the reference figures: {0}")]
     Reference(#[from] serde_json::Error),
+    #[error("starting the training threads: {0}")]
+    Threads(#[from] rayon::ThreadPoolBuildError),
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -82,6 +84,18 @@ fn random_batch(
 }
 
 pub fn bench_model(
+    name: &str,
+    dna: &Dna,
+    config: &BenchConfig,
+    device: &Device,
+) -> Result<ModelFigures, BenchError> {
+    // On the threads a worker's training gets (all of them: one training at a time here).
+    crate::threads::run_on_cpu_pool(device, crate::threads::cpu_share(1), || {
+        bench_model_here(name, dna, config, device)
+    })?
+}
+
+fn bench_model_here(
     name: &str,
     dna: &Dna,
     config: &BenchConfig,

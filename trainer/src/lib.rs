@@ -13,6 +13,7 @@ pub mod optim;
 pub mod report;
 pub mod seed;
 pub mod store;
+pub mod threads;
 pub mod train;
 pub mod weights;
 pub mod worker;

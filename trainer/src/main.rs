@@ -379,22 +379,30 @@ fn train_command(args: TrainArgs) -> Result<()> {
         augment: !args.no_augment,
         ..TrainConfig::paper(args.steps, args.seed)
     };
-    let report = train::train(
-        &model,
-        dna.learning_rate,
-        &split.train,
-        &split.normalization,
-        &config,
+    let (report, evaluation) = trainer::threads::run_on_cpu_pool(
         &device,
-        &|| false,
-    )?;
-    let evaluation = train::evaluate(
-        &model,
-        &split.validation,
-        &split.normalization,
-        500,
-        &device,
-    )?;
+        trainer::threads::cpu_share(1),
+        || -> Result<_> {
+            let report = train::train(
+                &model,
+                dna.learning_rate,
+                &split.train,
+                &split.normalization,
+                &config,
+                &device,
+                &|| false,
+            )?;
+            let evaluation = train::evaluate(
+                &model,
+                &split.validation,
+                &split.normalization,
+                500,
+                &device,
+            )?;
+            Ok((report, evaluation))
+        },
+    )
+    .context("starting the training threads")??;
     let wall = started.elapsed().as_secs_f64();
     model
         .weights()

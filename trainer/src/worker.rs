@@ -24,6 +24,7 @@ use crate::model::{Model, ModelError, ModelSpec};
 use crate::mutation::{mutate, AppliedMutation};
 use crate::seed::{self, Stream};
 use crate::store::{AliveEntry, ExperimentRecord, Population, ProgressEntry, StoreError};
+use crate::threads;
 use crate::train::{self, TrainConfig, TrainError};
 use crate::weights::{Weights, WeightsError};
 
@@ -41,6 +42,8 @@ pub enum WorkerError {
     Invalid(String),
     #[error("training task failed: {0}")]
     Join(String),
+    #[error("starting the training threads: {0}")]
+    Threads(#[from] rayon::ThreadPoolBuildError),
 }
 
 /// Set once, by whoever first sees that the experiment should end; polled between and during
@@ -98,6 +101,9 @@ pub struct CandleTrainer {
     pub device: Device,
     /// TF32 matrix products on CUDA (`spec.training.tf32`).
     pub tf32: bool,
+    /// Threads per training on the CPU ([`crate::threads`]): the cores shared out between
+    /// the worker loops that use this trainer at once ([`crate::threads::cpu_share`]).
+    pub cpu_threads: usize,
 }
 
 /// How a device is named in records and logs.
@@ -111,6 +117,14 @@ pub fn device_name(device: &Device) -> String {
 
 impl ChildTrainer for CandleTrainer {
     fn train_child(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
+        threads::run_on_cpu_pool(&self.device, self.cpu_threads, || {
+            self.train_here(job, stop)
+        })?
+    }
+}
+
+impl CandleTrainer {
+    fn train_here(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
         let tf32 = self.tf32 && self.device.is_cuda();
         if tf32 {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);

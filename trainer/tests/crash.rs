@@ -115,6 +115,8 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
         },
         device: Device::Cpu,
         tf32: false,
+        // The two survivors below.
+        cpu_threads: trainer::threads::cpu_share(2),
     });
     let stop = Arc::new(StopFlag::default());
     let survivors = tokio::spawn(worker::watch_for_stop(

@@ -124,6 +124,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         config: training_config(&spec),
         device,
         tf32: spec.training.tf32,
+        cpu_threads: trainer::threads::cpu_share(spec.workers() as usize),
     });
     let watcher = tokio::spawn(worker::watch_for_stop(
         population.clone(),

@@ -79,6 +79,7 @@ pub async fn run(options: WorkerOptions) -> Result<()> {
         config: training_config(&spec),
         device,
         tf32: spec.training.tf32,
+        cpu_threads: trainer::threads::cpu_share(options.loops.max(1) as usize),
     });
     let seed_base = base
         .bytes()
