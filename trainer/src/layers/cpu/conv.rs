@@ -123,6 +123,11 @@ impl Dims {
         }
     }
 
+    /// Where row (c, i, j) of the column matrix starts.
+    fn col_row(&self, c: usize, i: usize, j: usize) -> usize {
+        ((c * self.kh + i) * self.kw + j) * self.ld()
+    }
+
     fn image(&self) -> usize {
         self.cin * self.h * self.w
     }
@@ -161,7 +166,7 @@ fn im2col_by_rows(x: &[f32], d: &Dims, col: &mut [f32]) {
         let plane = &x[c * d.h * d.w..(c + 1) * d.h * d.w];
         for i in 0..d.kh {
             for j in 0..d.kw {
-                let row = &mut col[((c * d.kh + i) * d.kw + j) * d.ld()..][..p];
+                let row = &mut col[d.col_row(c, i, j)..][..p];
                 let (first, last) = valid_columns(j, d.g.pad_w, s, d.w, d.ow);
                 for oy in 0..d.oh {
                     let out = &mut row[oy * d.ow..(oy + 1) * d.ow];
@@ -233,7 +238,7 @@ fn col2im_by_rows(col: &[f32], d: &Dims, dx: &mut [f32]) {
         let plane = &mut dx[c * d.h * d.w..(c + 1) * d.h * d.w];
         for i in 0..d.kh {
             for j in 0..d.kw {
-                let row = &col[((c * d.kh + i) * d.kw + j) * d.ld()..][..p];
+                let row = &col[d.col_row(c, i, j)..][..p];
                 let (first, last) = valid_columns(j, d.g.pad_w, s, d.w, d.ow);
                 if first >= last {
                     continue;
@@ -364,34 +369,38 @@ impl Phased {
 
     /// Splits each input plane of `x` into its phases, in `phases` [Cin × s² × oh·ow].
     fn split(&self, x: &[f32], d: &Dims, phases: &mut [f32]) {
-        let (s, p) = (d.g.stride, d.oh * d.ow);
-        for (src, dst) in x
-            .chunks_exact(d.h * d.w)
-            .zip(phases.chunks_exact_mut(s * s * p))
-        {
-            for ra in 0..s {
-                for rb in 0..s {
-                    let dst = &mut dst[(ra * s + rb) * p..][..p];
-                    for (y, row) in dst.chunks_exact_mut(d.ow).enumerate() {
-                        gather(row, &src[(y * s + ra) * d.w + rb..], s);
-                    }
-                }
-            }
-        }
+        self.for_each_phase_row(d, |phase_row, image_row| {
+            gather(
+                &mut phases[phase_row..][..d.ow],
+                &x[image_row..],
+                d.g.stride,
+            );
+        });
     }
 
     /// The adjoint of [`Self::split`]: every phase pixel added back into `dx`.
     fn merge(&self, phases: &[f32], d: &Dims, dx: &mut [f32]) {
-        let (s, p) = (d.g.stride, d.oh * d.ow);
-        for (dst, src) in dx
-            .chunks_exact_mut(d.h * d.w)
-            .zip(phases.chunks_exact(s * s * p))
-        {
+        self.for_each_phase_row(d, |phase_row, image_row| {
+            scatter_add(
+                &mut dx[image_row..],
+                &phases[phase_row..][..d.ow],
+                d.g.stride,
+            );
+        });
+    }
+
+    /// Calls `f` for every row of every phase of every input channel, with where it starts
+    /// among the phases [Cin × s² × oh·ow] and where its first pixel lies in the image (its
+    /// others follow `stride` apart). Loops rather than an iterator: with nested
+    /// `flat_map`s conv3 trained about 2% slower in 3 of 4 interleaved rounds.
+    fn for_each_phase_row(&self, d: &Dims, mut f: impl FnMut(usize, usize)) {
+        let (s, p, plane) = (d.g.stride, d.p(), d.h * d.w);
+        for c in 0..d.cin {
             for ra in 0..s {
                 for rb in 0..s {
-                    let src = &src[(ra * s + rb) * p..][..p];
-                    for (y, row) in src.chunks_exact(d.ow).enumerate() {
-                        scatter_add(&mut dst[(y * s + ra) * d.w + rb..], row, s);
+                    let phase = (c * s * s + ra * s + rb) * p;
+                    for y in 0..d.oh {
+                        f(phase + y * d.ow, c * plane + (y * s + ra) * d.w + rb);
                     }
                 }
             }
@@ -415,7 +424,7 @@ impl Phased {
                 let (first, last) = tap.columns;
                 for c in 0..d.cin {
                     let plane = &planes[c * per_channel + tap.phase * p..][..p];
-                    let out = &mut col[((c * d.kh + i) * d.kw + j) * d.ld()..][..p];
+                    let out = &mut col[d.col_row(c, i, j)..][..p];
                     out[..tap.valid.start].fill(0.0);
                     out[tap.valid.end..].fill(0.0);
                     if !tap.valid.is_empty() {
@@ -447,7 +456,7 @@ impl Phased {
                 let (first, last) = tap.columns;
                 for c in 0..d.cin {
                     let plane = &mut planes[c * per_channel + tap.phase * p..][..p];
-                    let row = &mut col[((c * d.kh + i) * d.kw + j) * d.ld()..][..p];
+                    let row = &mut col[d.col_row(c, i, j)..][..p];
                     // Entries from padding columns would land on a neighbour row's pixels.
                     zero_columns(row, w, &tap.rows, first, last);
                     if !tap.valid.is_empty() {
