@@ -1,5 +1,6 @@
 //! CPU kernels for the layers that dominate training time, as Candle custom ops with their
-//! own backward passes: convolution (im2col + GEMM) and batch norm fused with its ReLU.
+//! own backward passes: convolution (im2col + GEMM, or Winograd for 3×3 at stride 1) and
+//! batch norm fused with its ReLU.
 //! Their CUDA counterparts are in `layers::gpu`.
 
 /// Compiles an element-wise kernel (a free function) three times, for AVX-512, AVX2 and the
@@ -23,6 +24,7 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod linear;
 pub mod skip;
+mod winograd;
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
