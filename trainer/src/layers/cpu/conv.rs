@@ -18,14 +18,15 @@
 //! with K = Cin·kh·kw and P = Hout·Wout. The input gradient of a tensor nothing needs (the
 //! images, for the first layer) is not computed.
 //!
-//! 3×3 convolutions at stride 1 with one pixel of padding (most of the reference models'
-//! layers) run their forward pass and input gradient as Winograd F(2×2, 3×3) instead, with
-//! 2.25× fewer multiplications: see `winograd.rs` and [`Dims::winograd`].
+//! Convolutions at stride 1 with 3 or 5 taps along each axis, padded to keep the size (most
+//! of the reference models' layers), run their forward pass and input gradient as Winograd
+//! F(2×2, kh×kw) instead, with 2.25× (3×3) to 2.5× (3×5) fewer multiplications: see
+//! `winograd.rs` and [`Dims::winograd`].
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::winograd::{Kernel, Winograd};
+use super::winograd::{Kernel, Taps, Winograd};
 use super::{
     add_into, assume_written, contiguous, lane_sum, par_written, transpose, with_scratch,
     GemmOperand,
@@ -137,17 +138,21 @@ impl Dims {
         self.cin * self.h * self.w
     }
 
-    /// This convolution as a Winograd F(2×2, 3×3) one, where it is a 3×3 one at stride 1
-    /// padded by one pixel, `inputs` → `outputs` channels, and big enough to gain from it:
-    /// (Cin, Cout) for the forward pass, (Cout, Cin) for the input gradient.
+    /// This convolution as a Winograd F(2×2, kh×kw) one, where it is one at stride 1 with
+    /// 3 or 5 taps along each axis, padded to keep the image's size, `inputs` → `outputs`
+    /// channels, and big enough to gain from it: (Cin, Cout) for the forward pass, (Cout,
+    /// Cin) for the input gradient.
     fn winograd(&self, inputs: usize, outputs: usize) -> Option<Winograd> {
+        let (rows, columns) = (Taps::of(self.kh)?, Taps::of(self.kw)?);
         let g = self.g;
-        let fits = self.kh == 3 && self.kw == 3 && g.stride == 1 && g.pad_h == 1 && g.pad_w == 1;
+        let fits = g.stride == 1 && g.pad_h == rows.pad() && g.pad_w == columns.pad();
         let shape = Winograd {
             inputs,
             outputs,
             h: self.h,
             w: self.w,
+            rows,
+            columns,
         };
         (fits && shape.worthwhile()).then_some(shape)
     }
@@ -835,6 +840,11 @@ mod tests {
             (2, 3, 10, 6, 16, 3, 3, 1, 1, 1),
             (3, 16, 17, 16, 4, 3, 3, 1, 1, 1),
             (2, 9, 1, 1, 9, 3, 3, 1, 1, 1),
+            // The same with 5 taps along one axis or both.
+            (2, 8, 6, 10, 8, 3, 5, 1, 1, 2),
+            (2, 8, 4, 4, 9, 5, 5, 1, 2, 2),
+            (1, 9, 8, 2, 8, 5, 3, 1, 2, 1),
+            (2, 3, 6, 6, 12, 3, 5, 1, 1, 2),
         ];
         for (n, cin, h, w, cout, kh, kw, s, ph, pw) in cases {
             let x =

@@ -1,5 +1,5 @@
 //! CPU kernels for the layers that dominate training time, as Candle custom ops with their
-//! own backward passes: convolution (im2col + GEMM, or Winograd for 3×3 at stride 1) and
+//! own backward passes: convolution (im2col + GEMM, or Winograd for 3- and 5-tap filters at stride 1) and
 //! batch norm fused with its ReLU.
 //! Their CUDA counterparts are in `layers::gpu`.
 

@@ -1,27 +1,33 @@
-//! Winograd's minimal filtering F(2×2, 3×3) for 3×3 convolutions at stride 1 with one pixel
-//! of zero padding: most layers of the reference models, forward and input gradient (which
-//! is the same convolution of dy with the kernel turned half a turn and its channels swapped).
+//! Winograd's minimal filtering F(2×2, r_h×r_w) for convolutions at stride 1 whose filters
+//! have 3 or 5 taps along each axis, zero-padded to keep the image's size: most layers of the
+//! reference models, forward and input gradient (which is the same convolution of dy with the
+//! kernel turned half a turn and its channels swapped).
 //!
-//! Each 2×2 block of outputs comes from a 4×4 tile of inputs: 16 products per input and
-//! output channel instead of im2col's 36, so 2.25× fewer multiplications, and the GEMMs
-//! read a tile matrix 16/4 = 4× the image instead of a column matrix 9× it:
+//! Each 2×2 block of outputs comes from a tile of (r_h+1)×(r_w+1) inputs, one product per
+//! tile position ξ and channel pair: for 3×3, 16 products per 4 outputs instead of 36 (2.25×
+//! fewer multiplications), for 3×5 24 instead of 60 (2.5×):
 //!
 //! ```text
-//! kernel   U[ξ] = (G g Gᵀ)[ξ]              [outputs×inputs], once per call
-//! input    V[ξ] = (Bᵀ d B)[ξ]              [inputs×tiles], per image
-//! product  M[ξ] = U[ξ] · V[ξ]              16 GEMMs, ξ the position in the 4×4 tile
-//! output   y    = Aᵀ M A                   each tile's 2×2 outputs
+//! kernel   U[ξ] = (G_h g G_wᵀ)[ξ]          [outputs×inputs], once per call
+//! input    V[ξ] = (B_hᵀ d B_w)[ξ]          [inputs×tiles], per image
+//! product  M[ξ] = U[ξ] · V[ξ]              one GEMM per tile position ξ
+//! output   y    = A_hᵀ M A_w               each tile's 2×2 outputs
 //! ```
 //!
-//! The transforms only add and subtract (G's halves are exact). What they cost decides
-//! whether this pays: written tile row by tile row they took as long as the im2col they
-//! replace, so each half of each transform is a pass over whole rows or planes (see
-//! [`column_transform`]), and the image goes through in bands that keep V and M in L2.
+//! The transforms of the 3-tap axis only add and subtract (G's halves are exact); the 5-tap
+//! one uses the points 0, ±1, ±2 and ∞, whose B and A have small integers and whose G has
+//! sixths and twenty-fourths (rounded once, in the kernel transform). What the transforms
+//! cost decides whether this pays: written tile row by tile row they took as long as the
+//! im2col they replace, so each half of each transform is a pass over whole rows or planes
+//! (see [`column_transform`]), and the image goes through in bands that keep V and M in L2.
 //!
-//! Batches of 50 on the development machine's 2 cores (`Conv2d` and its input gradient as
-//! custom ops, 20 calls each, two runs, im2col + GEMM in brackets): 32→32 at 32×32 forward
-//! 4.10–4.31 ms (5.08–5.14), input gradient 4.10–4.19 (4.71–4.83); 64→64 at 16×16 forward
-//! 3.08 (4.08–4.09), input gradient 3.09–3.41 (4.06). A probe with 3 input channels (the
+//! Batches of 50 on one thread (`Conv2d` and its input gradient as custom ops, 20 calls
+//! each, two runs, im2col + GEMM in brackets): 32→32 3×3 at 32×32 forward 8.1–9.1 ms
+//! (11.0–11.2), input gradient 7.6–7.8 (9.8–11.1); 64→64 3×3 at 16×16 forward 6.2–6.4 (8.8),
+//! input gradient 6.3–8.6 (8.8–10.3); 64→64 3×5 at 16×16 forward 11.6–12.2 (14.9–15.7),
+//! input gradient 12.7–12.9 (13.8–14.0). On two threads the development machine was too noisy
+//! that hour to tell these apart; an earlier run, 3×3 only, had 32→32 forward 4.10–4.31
+//! (5.08–5.14) and 64→64 forward 3.08 (4.08–4.09). A probe with 3 input channels (the
 //! images) at 32×32 was slower than im2col (0.064 against 0.053 ms per image), where the
 //! output transform outweighs the small product: hence [`Winograd::worthwhile`].
 
@@ -29,21 +35,88 @@ use std::mem::MaybeUninit;
 
 use super::GemmOperand;
 
+/// Floats between the planes of V and of M, so that planes a multiple of 4 KiB long do not
+/// start in the same L1 sets: the transforms read or write four to six planes at once. On
+/// one thread, 32→32 3×3 forward went from 8.7–9.3 to 7.8–8.0 ms per batch of 50, 3×5
+/// 64→64 from 12.6–13.3 to 11.0–11.3.
+const PLANE_GAP: usize = 16;
+
 /// Tiles per band; see [`Winograd::band_tiles`].
 const BAND_TILES: usize = 128;
 
-/// A 3×3 convolution at stride 1, padded by one pixel on each side, from `inputs` channels of
-/// h×w to `outputs` channels of h×w.
+/// One axis of the transform: F(2, r) for a filter of r taps, over tiles of r + 1 inputs
+/// (2 outputs each), with (r − 1)/2 pixels of padding on each side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Taps {
+    Three,
+    Five,
+}
+
+impl Taps {
+    pub fn of(r: usize) -> Option<Self> {
+        match r {
+            3 => Some(Self::Three),
+            5 => Some(Self::Five),
+            _ => None,
+        }
+    }
+
+    pub fn len(self) -> usize {
+        match self {
+            Self::Three => 3,
+            Self::Five => 5,
+        }
+    }
+
+    /// Inputs per tile along this axis.
+    fn tile(self) -> usize {
+        self.len() + 1
+    }
+
+    /// The padding that keeps the image's size.
+    pub fn pad(self) -> usize {
+        self.len() / 2
+    }
+
+    /// G g for one line of taps `g` (3 or 5 of them): the first [`Self::tile`] values.
+    fn filter(self, g: &[f32]) -> [f32; 6] {
+        match self {
+            // G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1]
+            Self::Three => {
+                let (a, b, c) = (g[0], g[1], g[2]);
+                [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c, 0.0, 0.0]
+            }
+            // Points 0, 1, −1, 2, −2, ∞.
+            Self::Five => {
+                let [a, b, c, d, e] = [g[0], g[1], g[2], g[3], g[4]];
+                let sixth = 1.0 / 6.0;
+                [
+                    0.25 * a,
+                    -sixth * (a + b + c + d + e),
+                    -sixth * (a - b + c - d + e),
+                    a / 24.0 + b / 12.0 + c / 6.0 + d / 3.0 + 2.0 * e / 3.0,
+                    a / 24.0 - b / 12.0 + c / 6.0 - d / 3.0 + 2.0 * e / 3.0,
+                    e,
+                ]
+            }
+        }
+    }
+}
+
+/// A convolution at stride 1 with `rows`×`columns` taps, padded to keep the size, from
+/// `inputs` channels of h×w to `outputs` channels of h×w.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Winograd {
     pub inputs: usize,
     pub outputs: usize,
     pub h: usize,
     pub w: usize,
+    pub rows: Taps,
+    pub columns: Taps,
 }
 
-/// How the 3×3 kernels are stored: a layer's own kernel [outputs][inputs][3][3] for its
-/// forward pass, or for its input gradient that kernel [inputs][outputs][3][3] read turned
+/// How the kernels are stored: a layer's own kernel [outputs][inputs][kh][kw] for its
+/// forward pass, or for its input gradient that kernel [inputs][outputs][kh][kw] read turned
 /// half a turn (dx is dy convolved with the flipped kernel, channels swapped).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kernel {
@@ -64,6 +137,11 @@ impl Winograd {
             && self.inputs.min(self.outputs) >= 8
     }
 
+    /// Tile positions ξ: one GEMM each.
+    fn positions(&self) -> usize {
+        self.rows.tile() * self.columns.tile()
+    }
+
     /// Tiles per band: the image's tiles are transformed, multiplied and transformed back a
     /// band of whole tile rows at a time, at least [`BAND_TILES`] tiles, so that V and M stay
     /// in the core's L2 cache.
@@ -72,34 +150,47 @@ impl Winograd {
         BAND_TILES.div_ceil(tw).min(th) * tw
     }
 
-    /// Floats of scratch for one image: the column half's four rows per image row, the
-    /// output transform's rows, a row of zeros (the padding), then V and M for one band.
-    pub fn scratch_len(&self) -> usize {
-        let t = self.band_tiles();
-        4 * self.inputs * self.h * (self.w / 2)
-            + 8 * t
-            + self.w / 2
-            + 16 * (self.inputs + self.outputs) * t
+    /// Floats of the column half's output: a row per image row and tile column position.
+    fn column_rows_len(&self) -> usize {
+        self.columns.tile() * self.inputs * self.h * (self.w / 2)
     }
 
-    /// U [16][outputs][inputs] from the 3×3 kernels.
+    /// Floats of scratch for one image: the column half's rows, the output transform's
+    /// rows, a row of zeros (the padding), then V and M for one band.
+    pub fn scratch_len(&self) -> usize {
+        let t = self.band_tiles();
+        self.column_rows_len()
+            + 2 * self.columns.tile() * t
+            + self.w / 2
+            + self.positions() * ((self.inputs + self.outputs) * t + 2 * PLANE_GAP)
+    }
+
+    /// U [ξ][outputs][inputs] from the kernels.
     pub fn transform_kernel(&self, kernel: &[f32], layout: Kernel) -> Vec<f32> {
         let (o_n, i_n) = (self.outputs, self.inputs);
-        let mut u = vec![0f32; 16 * o_n * i_n];
+        let (kh, kw) = (self.rows.len(), self.columns.len());
+        let (nh, nw) = (self.rows.tile(), self.columns.tile());
+        let mut u = vec![0f32; self.positions() * o_n * i_n];
         for o in 0..o_n {
             for i in 0..i_n {
                 let tap = |ky: usize, kx: usize| match layout {
-                    Kernel::Forward => kernel[(o * i_n + i) * 9 + ky * 3 + kx],
-                    Kernel::Flipped => kernel[(i * o_n + o) * 9 + (2 - ky) * 3 + (2 - kx)],
+                    Kernel::Forward => kernel[((o * i_n + i) * kh + ky) * kw + kx],
+                    Kernel::Flipped => {
+                        kernel[((i * o_n + o) * kh + kh - 1 - ky) * kw + kw - 1 - kx]
+                    }
                 };
-                // G g: 4×3, then (G g) Gᵀ: 4×4. G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1].
-                let g = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-                let columns: [[f32; 4]; 3] =
-                    std::array::from_fn(|kx| g(tap(0, kx), tap(1, kx), tap(2, kx)));
-                for r in 0..4 {
-                    let row = g(columns[0][r], columns[1][r], columns[2][r]);
-                    for (s, &value) in row.iter().enumerate() {
-                        u[((r * 4 + s) * o_n + o) * i_n + i] = value;
+                // G_h g: nh × kw, a column of taps at a time; then each row times G_wᵀ.
+                let columns: Vec<[f32; 6]> = (0..kw)
+                    .map(|kx| {
+                        let line: Vec<f32> = (0..kh).map(|ky| tap(ky, kx)).collect();
+                        self.rows.filter(&line)
+                    })
+                    .collect();
+                for r in 0..nh {
+                    let line: Vec<f32> = columns.iter().map(|column| column[r]).collect();
+                    let row = self.columns.filter(&line);
+                    for (s, &value) in row[..nw].iter().enumerate() {
+                        u[((r * nw + s) * o_n + o) * i_n + i] = value;
                     }
                 }
             }
@@ -122,10 +213,11 @@ impl Winograd {
             "Winograd tiles need even, non-zero sizes"
         );
         let t = self.band_tiles();
-        let (d, rest) = scratch.split_at_mut(4 * self.inputs * self.h * (self.w / 2));
-        let (rows, rest) = rest.split_at_mut(8 * t);
+        let positions = self.positions();
+        let (d, rest) = scratch.split_at_mut(self.column_rows_len());
+        let (rows, rest) = rest.split_at_mut(2 * self.columns.tile() * t);
         let (zeros, rest) = rest.split_at_mut(self.w / 2);
-        let (v, m) = rest.split_at_mut(16 * self.inputs * t);
+        let (v, m) = rest.split_at_mut(positions * (self.inputs * t + PLANE_GAP));
         zeros.fill(0.0);
         column_transform(x, self, d);
         let (o_n, i_n) = (self.outputs, self.inputs);
@@ -134,146 +226,131 @@ impl Winograd {
         for first in (0..th).step_by(band) {
             let tys = first..(first + band).min(th);
             let t = tys.len() * tw;
-            row_transform(d, self, tys.clone(), &mut v[..16 * i_n * t], zeros);
-            for xi in 0..16 {
+            let (vs, ms) = (i_n * t + PLANE_GAP, o_n * t + PLANE_GAP);
+            row_transform(d, self, tys.clone(), &mut v[..positions * vs], zeros);
+            for xi in 0..positions {
                 GemmOperand::row_major(&u[xi * o_n * i_n..][..o_n * i_n], i_n).times(
-                    &GemmOperand::row_major(&v[xi * i_n * t..][..i_n * t], t),
-                    &mut m[xi * o_n * t..][..o_n * t],
+                    &GemmOperand::row_major(&v[xi * vs..][..i_n * t], t),
+                    &mut m[xi * ms..][..o_n * t],
                     o_n,
                     t,
                     i_n,
                     false,
                 );
             }
-            output_transform(&m[..16 * o_n * t], self, tys, bias.unwrap_or(&[]), rows, y);
+            let m = &m[..positions * ms];
+            output_transform(m, self, tys, bias.unwrap_or(&[]), rows, y);
         }
     }
 }
 
 vectorised! {
-    /// V [16][inputs][tiles] = Bᵀ d B for every 4×4 tile d of every channel of `x`, with
-    /// Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1], in two halves that each run over
-    /// whole planes, so that every inner loop is long and reads two or three streams.
-    ///
-    /// Tile (ty, tx) reads rows 2ty−1 … 2ty+2 and columns 2tx−1 … 2tx+2 (−1 and h or w are
-    /// the padding). The column half (B) turns each image row into four rows `d[j]` of
-    /// w/2 values: with the row's pixels taken in pairs (2tx, 2tx+1), one pass over the whole
-    /// image. The row half (Bᵀ) combines rows of those, a pair of rows per tile row.
+    /// The column half of the input transform: each image row becomes r_w + 1 rows `d[j]`
+    /// of w/2 values, row j of B_wᵀ applied to each tile's columns. With the row's pixels
+    /// taken in pairs (2tx, 2tx+1), one pass over the whole image; [`row_transform`]
+    /// then combines these rows, a band of tile rows at a time.
     ///
     /// A first version transformed tile row by tile row, four outputs of w/2 values from
     /// eight shifted slices at a time: 85–95 µs for 32 channels of 32×32 on one core of the
     /// development machine, mostly loop overhead and register spills, as slow as the
-    /// im2col it replaced.
+    /// im2col it replaced; this one took 56.
     fn column_transform(x: &[f32], shape: &Winograd, d: &mut [f32]) {
         let (h, tw) = (shape.h, shape.w / 2);
         let n = shape.inputs * h * tw;
         let pairs = &x.as_chunks::<2>().0[..n];
-        let (d0, rest) = d.split_at_mut(n);
-        let (d1, rest) = rest.split_at_mut(n);
-        let (d2, d3) = rest.split_at_mut(n);
-        let d3 = &mut d3[..n];
-        // The pair before a row's first and after its last is the padding, mended below.
+        let mut out: Vec<&mut [f32]> = d[..shape.columns.tile() * n].chunks_exact_mut(n).collect();
+        // Tile column k reads the pairs k − 1, k and k + 1 (for 3 taps one pixel of the
+        // first and of the last). Across a row's edges those are the padding, mended below.
         if n >= 3 {
-            column_half(
-                &pairs[..n - 2],
-                &pairs[1..n - 1],
-                &pairs[2..],
-                &mut d0[1..n - 1],
-                &mut d1[1..n - 1],
-                &mut d2[1..n - 1],
-                &mut d3[1..n - 1],
-            );
+            let (prev, cur, next) = (&pairs[..n - 2], &pairs[1..n - 1], &pairs[2..]);
+            match &mut out[..] {
+                [o0, o1, o2, o3] => column_half3(
+                    prev,
+                    cur,
+                    next,
+                    &mut o0[1..n - 1],
+                    &mut o1[1..n - 1],
+                    &mut o2[1..n - 1],
+                    &mut o3[1..n - 1],
+                ),
+                [o0, o1, o2, o3, o4, o5] => column_half5(
+                    prev,
+                    cur,
+                    next,
+                    [
+                        &mut o0[1..n - 1],
+                        &mut o1[1..n - 1],
+                        &mut o2[1..n - 1],
+                        &mut o3[1..n - 1],
+                        &mut o4[1..n - 1],
+                        &mut o5[1..n - 1],
+                    ],
+                ),
+                _ => unreachable!("tiles of 4 or 6 columns"),
+            }
         }
-        for k in [0, n - 1] {
-            let prev = if k % tw == 0 { 0.0 } else { pairs[k - 1][1] };
-            let next = if k % tw == tw - 1 { 0.0 } else { pairs[k + 1][0] };
-            let (c0, c1) = (pairs[k][0], pairs[k][1]);
-            (d0[k], d1[k], d2[k], d3[k]) = (prev - c1, c0 + c1, c1 - c0, c0 - next);
-        }
-        for row in 1..n / tw {
-            d0[row * tw] = -pairs[row * tw][1];
-            d3[row * tw - 1] = pairs[row * tw - 1][0];
-        }
-    }
-}
-
-vectorised! {
-    /// The row half of the input transform for tile rows `tys`: V [16][inputs][tiles of the
-    /// band] from [`column_transform`]'s rows.
-    fn row_transform(
-        d: &[f32],
-        shape: &Winograd,
-        tys: std::ops::Range<usize>,
-        v: &mut [f32],
-        zeros: &[f32],
-    ) {
-        let (h, tw) = (shape.h, shape.w / 2);
-        let n = shape.inputs * h * tw;
-        let tiles = tys.len() * tw;
-        let first = tys.start;
-        let planes = v.chunks_exact_mut(shape.inputs * tiles);
-        let mut planes: Vec<&mut [f32]> = planes.collect();
-        for (j, dj) in d[..4 * n].chunks_exact(n).enumerate() {
-            let Ok([v0, v1, v2, v3]) = planes.get_disjoint_mut([j, 4 + j, 8 + j, 12 + j]) else {
-                unreachable!("16 distinct planes");
-            };
-            for c in 0..shape.inputs {
-                let plane = &dj[c * h * tw..][..h * tw];
-                let row = |r: usize| &plane[r * tw..][..tw];
-                for ty in tys.clone() {
-                    let (even, odd) = (row(2 * ty), row(2 * ty + 1));
-                    let above = if ty > 0 { row(2 * ty - 1) } else { &zeros[..tw] };
-                    let below = if 2 * ty + 2 < h { row(2 * ty + 2) } else { &zeros[..tw] };
-                    let at = c * tiles + (ty - first) * tw;
-                    row_half(
-                        above,
-                        even,
-                        odd,
-                        below,
-                        &mut v0[at..at + tw],
-                        &mut v1[at..at + tw],
-                        &mut v2[at..at + tw],
-                        &mut v3[at..at + tw],
-                    );
+        // Each row's first and last tile columns have the padding as neighbours. The flat
+        // pass gave them the neighbouring rows' pixels, except at the image's two ends,
+        // which it did not reach.
+        let full = |out: &mut [&mut [f32]], k: usize| {
+            let prev = if k.is_multiple_of(tw) { [0.0; 2] } else { pairs[k - 1] };
+            let next = if k % tw == tw - 1 { [0.0; 2] } else { pairs[k + 1] };
+            let values = column_tile(shape.columns, prev, pairs[k], next);
+            for (plane, value) in out.iter_mut().zip(values) {
+                plane[k] = value;
+            }
+        };
+        full(&mut out, 0);
+        full(&mut out, n - 1);
+        match shape.columns {
+            // Only the first output reads the pixel before the tile, and only the last the
+            // one after it: two stores per row instead of two whole tiles.
+            Taps::Three => {
+                for row in 1..n / tw {
+                    out[0][row * tw] = -pairs[row * tw][1];
+                    out[3][row * tw - 1] = pairs[row * tw - 1][0];
+                }
+            }
+            // Every output reads both neighbouring pairs.
+            Taps::Five => {
+                for row in 0..n / tw {
+                    full(&mut out, row * tw);
+                    full(&mut out, row * tw + tw - 1);
                 }
             }
         }
     }
 }
 
-/// Bᵀ applied to four rows (tile rows 2ty−1 … 2ty+2): `out[i] = (Bᵀ d)[i]`. Each slice
-/// is an argument of its own, so that the compiler knows them apart (references passed as
-/// arguments do not alias; references inside an array argument do not count) and vectorises
-/// the loop. In an array, or inline in the caller, it stayed scalar.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn row_half(
-    above: &[f32],
-    even: &[f32],
-    odd: &[f32],
-    below: &[f32],
-    o0: &mut [f32],
-    o1: &mut [f32],
-    o2: &mut [f32],
-    o3: &mut [f32],
-) {
-    let n = o0.len();
-    let (above, even, odd, below) = (&above[..n], &even[..n], &odd[..n], &below[..n]);
-    let (o1, o2, o3) = (&mut o1[..n], &mut o2[..n], &mut o3[..n]);
-    for t in 0..n {
-        o0[t] = above[t] - odd[t];
-        o1[t] = even[t] + odd[t];
-        o2[t] = odd[t] - even[t];
-        o3[t] = even[t] - below[t];
+/// B_wᵀ applied to one tile's columns, given as the pixel pairs before, at and after it.
+fn column_tile(taps: Taps, [p0, p1]: [f32; 2], [c0, c1]: [f32; 2], [n0, n1]: [f32; 2]) -> [f32; 6] {
+    match taps {
+        Taps::Three => [p1 - c1, c0 + c1, c1 - c0, c0 - n0, 0.0, 0.0],
+        Taps::Five => five([p0, p1, c0, c1, n0, n1]),
     }
 }
 
-/// B applied to the pixel pairs of image rows: output k reads columns 2k−1 … 2k+2, i.e.
-/// `prev[k][1]`, `cur[k][0]`, `cur[k][1]` and `next[k][0]`. Separate arguments, as in
-/// [`row_half`].
+/// B ᵀ of F(2, 5) applied to six inputs.
+#[inline(always)]
+fn five([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * (d1 + d2) + d3 + d4,
+        4.0 * (d1 - d2) - d3 + d4,
+        2.0 * (d3 - d1) - d2 + d4,
+        2.0 * (d1 - d3) - d2 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// B_wᵀ of F(2, 3) applied to the pixel pairs of image rows: output k reads columns
+/// 2k−1 … 2k+2, i.e. `prev[k][1]`, `cur[k][0]`, `cur[k][1]` and `next[k][0]`. Each slice is
+/// an argument of its own, so that the compiler knows them apart (references passed as
+/// arguments do not alias; references inside an array argument do not count) and vectorises
+/// the loop; in an array, or inline in the caller, it stayed scalar.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn column_half(
+fn column_half3(
     prev: &[[f32; 2]],
     cur: &[[f32; 2]],
     next: &[[f32; 2]],
@@ -294,11 +371,225 @@ fn column_half(
     }
 }
 
-/// A applied to one output row's tiles, plus the bias: pixels 2t and 2t+1 of `line` from
-/// `a0` … `a3` [t]. Separate arguments, as in [`row_half`]; as a loop in
+/// B_wᵀ of F(2, 5): output k reads columns 2k−2 … 2k+3, the pairs `prev[k]`, `cur[k]` and
+/// `next[k]`. The outputs come in an array, unlike [`column_half3`]'s: six more arguments
+/// would not fit a call's registers either way, and this loop is one layer's in the reference
+/// models.
+#[inline(always)]
+fn column_half5(prev: &[[f32; 2]], cur: &[[f32; 2]], next: &[[f32; 2]], out: [&mut [f32]; 6]) {
+    let n = out[0].len();
+    let (prev, cur, next) = (&prev[..n], &cur[..n], &next[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let (o1, o2, o3, o4, o5) = (
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
+    for k in 0..n {
+        let [a, b, c, d, e, f] = five([
+            prev[k][0], prev[k][1], cur[k][0], cur[k][1], next[k][0], next[k][1],
+        ]);
+        o0[k] = a;
+        o1[k] = b;
+        o2[k] = c;
+        o3[k] = d;
+        o4[k] = e;
+        o5[k] = f;
+    }
+}
+
+vectorised! {
+    /// The row half of the input transform for tile rows `tys`: V [ξ][inputs][tiles of the
+    /// band] from [`column_transform`]'s rows. Tile row ty reads image rows 2ty − pad …
+    /// 2ty − pad + r_h; those outside the image are `zeros`.
+    fn row_transform(
+        d: &[f32],
+        shape: &Winograd,
+        tys: std::ops::Range<usize>,
+        v: &mut [f32],
+        zeros: &[f32],
+    ) {
+        let (h, tw) = (shape.h, shape.w / 2);
+        let n = shape.inputs * h * tw;
+        let (nh, nw) = (shape.rows.tile(), shape.columns.tile());
+        let pad = shape.rows.pad();
+        let tiles = tys.len() * tw;
+        let first = tys.start;
+        let mut planes: Vec<&mut [f32]> = v.chunks_exact_mut(shape.inputs * tiles + PLANE_GAP).collect();
+        for (j, dj) in d[..nw * n].chunks_exact(n).enumerate() {
+            // The planes of tile positions (i, j) for every i.
+            let mut column: Vec<&mut [f32]> = planes
+                .iter_mut()
+                .skip(j)
+                .step_by(nw)
+                .map(|plane| &mut **plane)
+                .collect();
+            for c in 0..shape.inputs {
+                let plane = &dj[c * h * tw..][..h * tw];
+                let row = |r: usize| {
+                    if (pad..h + pad).contains(&r) {
+                        &plane[(r - pad) * tw..][..tw]
+                    } else {
+                        &zeros[..tw]
+                    }
+                };
+                for ty in tys.clone() {
+                    let at = c * tiles + (ty - first) * tw;
+                    match &mut column[..nh] {
+                        [o0, o1, o2, o3] => row_half3(
+                            row(2 * ty),
+                            row(2 * ty + 1),
+                            row(2 * ty + 2),
+                            row(2 * ty + 3),
+                            &mut o0[at..at + tw],
+                            &mut o1[at..at + tw],
+                            &mut o2[at..at + tw],
+                            &mut o3[at..at + tw],
+                        ),
+                        [o0, o1, o2, o3, o4, o5] => row_half5(
+                            std::array::from_fn(|s| row(2 * ty + s)),
+                            [
+                                &mut o0[at..at + tw],
+                                &mut o1[at..at + tw],
+                                &mut o2[at..at + tw],
+                                &mut o3[at..at + tw],
+                                &mut o4[at..at + tw],
+                                &mut o5[at..at + tw],
+                            ],
+                        ),
+                        _ => unreachable!("tiles of 4 or 6 rows"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// B_hᵀ of F(2, 3) applied to four rows (tile rows 2ty−1 … 2ty+2). Separate arguments, as in
+/// [`column_half3`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_half3(
+    above: &[f32],
+    even: &[f32],
+    odd: &[f32],
+    below: &[f32],
+    o0: &mut [f32],
+    o1: &mut [f32],
+    o2: &mut [f32],
+    o3: &mut [f32],
+) {
+    let n = o0.len();
+    let (above, even, odd, below) = (&above[..n], &even[..n], &odd[..n], &below[..n]);
+    let (o1, o2, o3) = (&mut o1[..n], &mut o2[..n], &mut o3[..n]);
+    for t in 0..n {
+        o0[t] = above[t] - odd[t];
+        o1[t] = even[t] + odd[t];
+        o2[t] = odd[t] - even[t];
+        o3[t] = even[t] - below[t];
+    }
+}
+
+/// B_hᵀ of F(2, 5) applied to six rows (tile rows 2ty−2 … 2ty+3).
+#[inline(always)]
+fn row_half5(rows: [&[f32]; 6], out: [&mut [f32]; 6]) {
+    let n = out[0].len();
+    let [r0, r1, r2, r3, r4, r5] = rows.map(|r| &r[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let (o1, o2, o3, o4, o5) = (
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
+    for t in 0..n {
+        let [a, b, c, d, e, f] = five([r0[t], r1[t], r2[t], r3[t], r4[t], r5[t]]);
+        o0[t] = a;
+        o1[t] = b;
+        o2[t] = c;
+        o3[t] = d;
+        o4[t] = e;
+        o5[t] = f;
+    }
+}
+
+vectorised! {
+    /// y = A_hᵀ M A_w (+ bias) for the tiles of tile rows `tys`: the row half over whole
+    /// planes of tiles into `rows` [2][r_w+1][tiles], then each tile's two columns, written
+    /// interleaved. A_ᵀ is [1 1 1 0; 0 1 −1 −1] for 3 taps, [1 1 1 1 1 0; 0 1 −1 2 −2 1]
+    /// for 5.
+    fn output_transform(
+        m: &[f32],
+        shape: &Winograd,
+        tys: std::ops::Range<usize>,
+        bias: &[f32],
+        rows: &mut [f32],
+        y: &mut [MaybeUninit<f32>],
+    ) {
+        let (w, tw) = (shape.w, shape.w / 2);
+        let (nh, nw) = (shape.rows.tile(), shape.columns.tile());
+        let tiles = tys.len() * tw;
+        let plane_stride = shape.outputs * tiles + PLANE_GAP;
+        let (r0, r1) = rows[..2 * nw * tiles].split_at_mut(nw * tiles);
+        for o in 0..shape.outputs {
+            let b = bias.get(o).copied().unwrap_or(0.0);
+            for s in 0..nw {
+                let plane = |i: usize| &m[(i * nw + s) * plane_stride + o * tiles..][..tiles];
+                let (a0, a1) = (&mut r0[s * tiles..][..tiles], &mut r1[s * tiles..][..tiles]);
+                if nh == 4 {
+                    output_rows3([plane(0), plane(1), plane(2), plane(3)], a0, a1);
+                } else {
+                    output_rows5(std::array::from_fn(plane), a0, a1);
+                }
+            }
+            let out = &mut y[o * shape.h * w..][..shape.h * w];
+            let band = &mut out[tys.start * 2 * w..tys.end * 2 * w];
+            for (ty, pair) in band.chunks_exact_mut(2 * w).enumerate() {
+                for (line, r) in pair.chunks_exact_mut(w).zip([&*r0, &*r1]) {
+                    let part = |s: usize| &r[s * tiles + ty * tw..][..tw];
+                    if nw == 4 {
+                        output_columns3(part(0), part(1), part(2), part(3), b, line);
+                    } else {
+                        output_columns5(std::array::from_fn(part), b, line);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A_hᵀ of F(2, 3) over four planes of products.
+#[inline(always)]
+fn output_rows3(m: [&[f32]; 4], a0: &mut [f32], a1: &mut [f32]) {
+    let n = a0.len();
+    let [m0, m1, m2, m3] = m.map(|p| &p[..n]);
+    let a1 = &mut a1[..n];
+    for t in 0..n {
+        a0[t] = m0[t] + m1[t] + m2[t];
+        a1[t] = m1[t] - m2[t] - m3[t];
+    }
+}
+
+/// A_hᵀ of F(2, 5) over six planes of products.
+#[inline(always)]
+fn output_rows5(m: [&[f32]; 6], a0: &mut [f32], a1: &mut [f32]) {
+    let n = a0.len();
+    let [m0, m1, m2, m3, m4, m5] = m.map(|p| &p[..n]);
+    let a1 = &mut a1[..n];
+    for t in 0..n {
+        a0[t] = m0[t] + m1[t] + m2[t] + m3[t] + m4[t];
+        a1[t] = m1[t] - m2[t] + 2.0 * (m3[t] - m4[t]) + m5[t];
+    }
+}
+
+/// A_wᵀ of F(2, 3) applied to one output row's tiles, plus the bias: pixels 2t and 2t+1 of
+/// `line` from `a0` … `a3` [t]. Separate arguments, as in [`column_half3`]; as a loop in
 /// [`output_transform`] it stayed scalar, 7% of the skip model's training time.
 #[inline(always)]
-fn output_columns(
+fn output_columns3(
     a0: &[f32],
     a1: &[f32],
     a2: &[f32],
@@ -315,42 +606,15 @@ fn output_columns(
     }
 }
 
-vectorised! {
-    /// y = Aᵀ M A (+ bias) for every tile, with Aᵀ = [1 1 1 0; 0 1 −1 −1]: the row half
-    /// over whole planes of tiles into `rows` [2][4][tiles], then each tile's two columns,
-    /// written interleaved.
-    fn output_transform(
-        m: &[f32],
-        shape: &Winograd,
-        tys: std::ops::Range<usize>,
-        bias: &[f32],
-        rows: &mut [f32],
-        y: &mut [MaybeUninit<f32>],
-    ) {
-        let (w, tw) = (shape.w, shape.w / 2);
-        let tiles = tys.len() * tw;
-        let plane_stride = shape.outputs * tiles;
-        let (r0, r1) = rows[..8 * tiles].split_at_mut(4 * tiles);
-        for o in 0..shape.outputs {
-            let b = bias.get(o).copied().unwrap_or(0.0);
-            for s in 0..4 {
-                let plane = |i: usize| &m[(i * 4 + s) * plane_stride + o * tiles..][..tiles];
-                let (m0, m1, m2, m3) = (plane(0), plane(1), plane(2), plane(3));
-                let (a0, a1) = (&mut r0[s * tiles..][..tiles], &mut r1[s * tiles..][..tiles]);
-                for t in 0..tiles {
-                    a0[t] = m0[t] + m1[t] + m2[t];
-                    a1[t] = m1[t] - m2[t] - m3[t];
-                }
-            }
-            let out = &mut y[o * shape.h * w..][..shape.h * w];
-            let band = &mut out[tys.start * 2 * w..tys.end * 2 * w];
-            for (ty, pair) in band.chunks_exact_mut(2 * w).enumerate() {
-                for (line, r) in pair.chunks_exact_mut(w).zip([&*r0, &*r1]) {
-                    let part = |s: usize| &r[s * tiles + ty * tw..][..tw];
-                    output_columns(part(0), part(1), part(2), part(3), b, line);
-                }
-            }
-        }
+/// A_wᵀ of F(2, 5), as [`output_columns3`].
+#[inline(always)]
+fn output_columns5(a: [&[f32]; 6], bias: f32, line: &mut [MaybeUninit<f32>]) {
+    let pixels = line.as_chunks_mut::<2>().0;
+    let n = pixels.len();
+    let [a0, a1, a2, a3, a4, a5] = a.map(|p| &p[..n]);
+    for t in 0..n {
+        pixels[t][0].write(a0[t] + a1[t] + a2[t] + a3[t] + a4[t] + bias);
+        pixels[t][1].write(a1[t] - a2[t] + 2.0 * (a3[t] - a4[t]) + a5[t] + bias);
     }
 }
 
@@ -362,19 +626,20 @@ mod tests {
     /// The convolution by its definition, for one image.
     fn direct(x: &[f32], k: &[f32], shape: &Winograd, bias: &[f32]) -> Vec<f32> {
         let (h, w) = (shape.h as isize, shape.w as isize);
+        let (kh, kw) = (shape.rows.len(), shape.columns.len());
+        let (ph, pw) = (shape.rows.pad() as isize, shape.columns.pad() as isize);
         let mut y = vec![0f32; shape.outputs * shape.h * shape.w];
         for o in 0..shape.outputs {
             for oy in 0..h {
                 for ox in 0..w {
                     let mut sum = bias.get(o).copied().unwrap_or(0.0);
                     for i in 0..shape.inputs {
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (iy, ix) = (oy + ky - 1, ox + kx - 1);
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let (iy, ix) = (oy + ky as isize - ph, ox + kx as isize - pw);
                                 if iy >= 0 && iy < h && ix >= 0 && ix < w {
                                     sum += x[(i * shape.h + iy as usize) * shape.w + ix as usize]
-                                        * k[((o * shape.inputs + i) * 3 + ky as usize) * 3
-                                            + kx as usize];
+                                        * k[((o * shape.inputs + i) * kh + ky) * kw + kx];
                                 }
                             }
                         }
@@ -395,47 +660,52 @@ mod tests {
         y.into_iter().map(|v| unsafe { v.assume_init() }).collect()
     }
 
-    /// Planes of one tile and of many, square and not, one row or column of tiles, few
-    /// channels; scratch starts as NaN, so a value read before it is written shows.
+    /// Every pair of 3 and 5 taps; planes of one tile and of many, square and not, one row
+    /// or column of tiles, several bands, few channels. Scratch starts as NaN, so a value
+    /// read before it is written shows.
     #[test]
     fn matches_the_definition() {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (inputs, outputs, h, w) in [
-            (8, 4, 8, 8),
-            (3, 5, 2, 2),
-            (1, 1, 2, 2),
-            (2, 3, 4, 18),
-            (5, 3, 34, 18),
-            (4, 2, 16, 34),
-            (1, 2, 6, 2),
-        ] {
-            let shape = Winograd {
-                inputs,
-                outputs,
-                h,
-                w,
-            };
-            let x: Vec<f32> = (0..inputs * h * w)
-                .map(|_| r.random_range(-1.0..1.0))
-                .collect();
-            let k: Vec<f32> = (0..outputs * inputs * 9)
-                .map(|_| r.random_range(-1.0..1.0))
-                .collect();
-            let bias: Vec<f32> = (0..outputs).map(|_| r.random_range(-1.0..1.0)).collect();
-            let u = shape.transform_kernel(&k, Kernel::Forward);
-            for b in [None, Some(&bias[..])] {
-                let expected = direct(&x, &k, &shape, b.unwrap_or(&[]));
-                let got = run(&shape, &u, &x, b);
-                let worst = expected
-                    .iter()
-                    .zip(&got)
-                    .map(|(e, g)| (e - g).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    worst < 1e-4,
-                    "{shape:?}, bias {}: off by {worst}",
-                    b.is_some()
-                );
+        for (kh, kw) in [(3, 3), (3, 5), (5, 3), (5, 5)] {
+            for (inputs, outputs, h, w) in [
+                (8, 4, 8, 8),
+                (3, 5, 2, 2),
+                (1, 1, 2, 2),
+                (2, 3, 4, 18),
+                (5, 3, 34, 18),
+                (4, 2, 16, 34),
+                (1, 2, 6, 2),
+            ] {
+                let shape = Winograd {
+                    inputs,
+                    outputs,
+                    h,
+                    w,
+                    rows: Taps::of(kh).expect("3 or 5"),
+                    columns: Taps::of(kw).expect("3 or 5"),
+                };
+                let x: Vec<f32> = (0..inputs * h * w)
+                    .map(|_| r.random_range(-1.0..1.0))
+                    .collect();
+                let k: Vec<f32> = (0..outputs * inputs * kh * kw)
+                    .map(|_| r.random_range(-1.0..1.0))
+                    .collect();
+                let bias: Vec<f32> = (0..outputs).map(|_| r.random_range(-1.0..1.0)).collect();
+                let u = shape.transform_kernel(&k, Kernel::Forward);
+                for b in [None, Some(&bias[..])] {
+                    let expected = direct(&x, &k, &shape, b.unwrap_or(&[]));
+                    let got = run(&shape, &u, &x, b);
+                    let worst = expected
+                        .iter()
+                        .zip(&got)
+                        .map(|(e, g)| (e - g).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst < 1e-4,
+                        "{shape:?}, bias {}: off by {worst}",
+                        b.is_some()
+                    );
+                }
             }
         }
     }
@@ -446,26 +716,31 @@ mod tests {
     fn flipped_kernel_is_the_turned_transpose() {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(12);
         let (cout, cin) = (3, 2);
-        let k: Vec<f32> = (0..cout * cin * 9)
-            .map(|_| r.random_range(-1.0..1.0))
-            .collect();
-        let mut turned = vec![0f32; k.len()];
-        for o in 0..cout {
-            for i in 0..cin {
-                for t in 0..9 {
-                    turned[(i * cout + o) * 9 + t] = k[(o * cin + i) * 9 + 8 - t];
+        for (kh, kw) in [(3, 3), (3, 5), (5, 3)] {
+            let taps = kh * kw;
+            let k: Vec<f32> = (0..cout * cin * taps)
+                .map(|_| r.random_range(-1.0..1.0))
+                .collect();
+            let mut turned = vec![0f32; k.len()];
+            for o in 0..cout {
+                for i in 0..cin {
+                    for t in 0..taps {
+                        turned[(i * cout + o) * taps + t] = k[(o * cin + i) * taps + taps - 1 - t];
+                    }
                 }
             }
+            let shape = Winograd {
+                inputs: cout,
+                outputs: cin,
+                h: 4,
+                w: 4,
+                rows: Taps::of(kh).expect("3 or 5"),
+                columns: Taps::of(kw).expect("3 or 5"),
+            };
+            assert_eq!(
+                shape.transform_kernel(&k, Kernel::Flipped),
+                shape.transform_kernel(&turned, Kernel::Forward)
+            );
         }
-        let shape = Winograd {
-            inputs: cout,
-            outputs: cin,
-            h: 4,
-            w: 4,
-        };
-        assert_eq!(
-            shape.transform_kernel(&k, Kernel::Flipped),
-            shape.transform_kernel(&turned, Kernel::Forward)
-        );
     }
 }
