@@ -277,14 +277,12 @@ vectorised! {
                     prev,
                     cur,
                     next,
-                    [
-                        &mut o0[1..n - 1],
-                        &mut o1[1..n - 1],
-                        &mut o2[1..n - 1],
-                        &mut o3[1..n - 1],
-                        &mut o4[1..n - 1],
-                        &mut o5[1..n - 1],
-                    ],
+                    &mut o0[1..n - 1],
+                    &mut o1[1..n - 1],
+                    &mut o2[1..n - 1],
+                    &mut o3[1..n - 1],
+                    &mut o4[1..n - 1],
+                    &mut o5[1..n - 1],
                 ),
                 _ => unreachable!("tiles of 4 or 6 columns"),
             }
@@ -372,14 +370,23 @@ fn column_half3(
 }
 
 /// B_wᵀ of F(2, 5): output k reads columns 2k−2 … 2k+3, the pairs `prev[k]`, `cur[k]` and
-/// `next[k]`. The outputs come in an array, unlike [`column_half3`]'s: six more arguments
-/// would not fit a call's registers either way, and this loop is one layer's in the reference
-/// models.
+/// `next[k]`. Outputs as separate arguments, as in [`column_half3`]: in an array, this loop
+/// and [`row_half5`]'s compiled to scalar code.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn column_half5(prev: &[[f32; 2]], cur: &[[f32; 2]], next: &[[f32; 2]], out: [&mut [f32]; 6]) {
-    let n = out[0].len();
+fn column_half5(
+    prev: &[[f32; 2]],
+    cur: &[[f32; 2]],
+    next: &[[f32; 2]],
+    o0: &mut [f32],
+    o1: &mut [f32],
+    o2: &mut [f32],
+    o3: &mut [f32],
+    o4: &mut [f32],
+    o5: &mut [f32],
+) {
+    let n = o0.len();
     let (prev, cur, next) = (&prev[..n], &cur[..n], &next[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out;
     let (o1, o2, o3, o4, o5) = (
         &mut o1[..n],
         &mut o2[..n],
@@ -450,14 +457,12 @@ vectorised! {
                         ),
                         [o0, o1, o2, o3, o4, o5] => row_half5(
                             std::array::from_fn(|s| row(2 * ty + s)),
-                            [
-                                &mut o0[at..at + tw],
-                                &mut o1[at..at + tw],
-                                &mut o2[at..at + tw],
-                                &mut o3[at..at + tw],
-                                &mut o4[at..at + tw],
-                                &mut o5[at..at + tw],
-                            ],
+                            &mut o0[at..at + tw],
+                            &mut o1[at..at + tw],
+                            &mut o2[at..at + tw],
+                            &mut o3[at..at + tw],
+                            &mut o4[at..at + tw],
+                            &mut o5[at..at + tw],
                         ),
                         _ => unreachable!("tiles of 4 or 6 rows"),
                     }
@@ -492,12 +497,21 @@ fn row_half3(
     }
 }
 
-/// B_hᵀ of F(2, 5) applied to six rows (tile rows 2ty−2 … 2ty+3).
+/// B_hᵀ of F(2, 5) applied to six rows (tile rows 2ty−2 … 2ty+3). Outputs as separate
+/// arguments, as in [`column_half5`].
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn row_half5(rows: [&[f32]; 6], out: [&mut [f32]; 6]) {
-    let n = out[0].len();
+fn row_half5(
+    rows: [&[f32]; 6],
+    o0: &mut [f32],
+    o1: &mut [f32],
+    o2: &mut [f32],
+    o3: &mut [f32],
+    o4: &mut [f32],
+    o5: &mut [f32],
+) {
+    let n = o0.len();
     let [r0, r1, r2, r3, r4, r5] = rows.map(|r| &r[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out;
     let (o1, o2, o3, o4, o5) = (
         &mut o1[..n],
         &mut o2[..n],
