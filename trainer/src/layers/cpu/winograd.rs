@@ -575,7 +575,16 @@ vectorised! {
                 if nh == 4 {
                     output_rows3([plane(0), plane(1), plane(2), plane(3)], a0, a1);
                 } else {
-                    output_rows5(std::array::from_fn(plane), a0, a1);
+                    output_rows5(
+                        plane(0),
+                        plane(1),
+                        plane(2),
+                        plane(3),
+                        plane(4),
+                        plane(5),
+                        a0,
+                        a1,
+                    );
                 }
             }
             let out = &mut y[o * shape.h * w..][..shape.h * w];
@@ -586,7 +595,16 @@ vectorised! {
                     if nw == 4 {
                         output_columns3(part(0), part(1), part(2), part(3), b, line);
                     } else {
-                        output_columns5(std::array::from_fn(part), b, line);
+                        output_columns5(
+                            part(0),
+                            part(1),
+                            part(2),
+                            part(3),
+                            part(4),
+                            part(5),
+                            b,
+                            line,
+                        );
                     }
                 }
             }
@@ -606,11 +624,22 @@ fn output_rows3(m: [&[f32]; 4], a0: &mut [f32], a1: &mut [f32]) {
     }
 }
 
-/// A_hᵀ of F(2, 5) over six planes of products.
+/// A_hᵀ of F(2, 5) over six planes of products. Separate arguments, as in
+/// [`output_columns5`].
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_rows5(m: [&[f32]; 6], a0: &mut [f32], a1: &mut [f32]) {
+fn output_rows5(
+    m0: &[f32],
+    m1: &[f32],
+    m2: &[f32],
+    m3: &[f32],
+    m4: &[f32],
+    m5: &[f32],
+    a0: &mut [f32],
+    a1: &mut [f32],
+) {
     let n = a0.len();
-    let [m0, m1, m2, m3, m4, m5] = m.map(|p| &p[..n]);
+    let (m0, m1, m2, m3, m4, m5) = (&m0[..n], &m1[..n], &m2[..n], &m3[..n], &m4[..n], &m5[..n]);
     let a1 = &mut a1[..n];
     for t in 0..n {
         a0[t] = m0[t] + m1[t] + m2[t] + m3[t] + m4[t];
@@ -639,12 +668,23 @@ fn output_columns3(
     }
 }
 
-/// A_wᵀ of F(2, 5), as [`output_columns3`].
+/// A_wᵀ of F(2, 5), as [`output_columns3`]. With the six inputs in an array this loop
+/// compiled to scalar code.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn output_columns5(a: [&[f32]; 6], bias: f32, line: &mut [MaybeUninit<f32>]) {
+fn output_columns5(
+    a0: &[f32],
+    a1: &[f32],
+    a2: &[f32],
+    a3: &[f32],
+    a4: &[f32],
+    a5: &[f32],
+    bias: f32,
+    line: &mut [MaybeUninit<f32>],
+) {
     let pixels = line.as_chunks_mut::<2>().0;
     let n = pixels.len();
-    let [a0, a1, a2, a3, a4, a5] = a.map(|p| &p[..n]);
+    let (a0, a1, a2, a3, a4, a5) = (&a0[..n], &a1[..n], &a2[..n], &a3[..n], &a4[..n], &a5[..n]);
     for t in 0..n {
         pixels[t][0].write(a0[t] + a1[t] + a2[t] + a3[t] + a4[t] + bias);
         pixels[t][1].write(a1[t] - a2[t] + 2.0 * (a3[t] - a4[t]) + a5[t] + bias);
