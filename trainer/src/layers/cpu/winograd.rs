@@ -25,11 +25,17 @@
 //! each, two runs, im2col + GEMM in brackets): 32→32 3×3 at 32×32 forward 8.1–9.1 ms
 //! (11.0–11.2), input gradient 7.6–7.8 (9.8–11.1); 64→64 3×3 at 16×16 forward 6.2–6.4 (8.8),
 //! input gradient 6.3–8.6 (8.8–10.3); 64→64 3×5 at 16×16 forward 11.6–12.2 (14.9–15.7),
-//! input gradient 12.7–12.9 (13.8–14.0). On two threads the development machine was too noisy
+//! input gradient 12.7–12.9 (13.8–14.0), and 10.0–11.0 forward once the 5-tap loops were
+//! vectorised (see [`column_half5`]). On two threads the development machine was too noisy
 //! that hour to tell these apart; an earlier run, 3×3 only, had 32→32 forward 4.10–4.31
 //! (5.08–5.14) and 64→64 forward 3.08 (4.08–4.09). A probe with 3 input channels (the
 //! images) at 32×32 was slower than im2col (0.064 against 0.053 ms per image), where the
 //! output transform outweighs the small product: hence [`Winograd::worthwhile`].
+//!
+//! F(4×4, 3×3), 36 products per 16 outputs, was tried and was slower: on one thread, 32→32
+//! forward 9.8 and 11.4 ms against F(2×2, 3×3)'s 7.7 and 10.8, 64→64 at 16×16 11.9 and 10.9
+//! against 7.1 and 7.5. Its rows of tiles are 4 to 8 wide here, too short for the
+//! transforms' vector loops, and at 16×16 each product has only 16 tiles per image.
 
 use std::mem::MaybeUninit;
 
@@ -271,8 +277,8 @@ vectorised! {
     ///
     /// A first version transformed tile row by tile row, four outputs of w/2 values from
     /// eight shifted slices at a time: 85–95 µs for 32 channels of 32×32 on one core of the
-    /// development machine, mostly loop overhead and register spills, as slow as the
-    /// im2col it replaced; this one took 56.
+    /// development machine (a probe outside the trainer), mostly loop overhead and register
+    /// spills, as slow as the im2col it replaced. The two halves written this way took 56.
     fn column_transform(x: &[f32], shape: &Winograd, d: &mut [f32]) {
         let (h, tw) = (shape.h, shape.w / 2);
         let n = shape.inputs * h * tw;
