@@ -395,8 +395,7 @@ fn column_half3(
 }
 
 /// B_wᵀ of F(2, 5): output k reads columns 2k−2 … 2k+3, the pairs `prev[k]`, `cur[k]` and
-/// `next[k]`. Outputs as separate arguments, as in [`column_half3`]: in an array, this loop
-/// and [`row_half5`]'s compiled to scalar code.
+/// `next[k]`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn column_half5(
@@ -412,6 +411,35 @@ fn column_half5(
 ) {
     let n = o0.len();
     let (prev, cur, next) = (&prev[..n], &cur[..n], &next[..n]);
+    five_into(
+        |k| {
+            let ([p0, p1], [c0, c1], [n0, n1]) = (prev[k], cur[k], next[k]);
+            [p0, p1, c0, c1, n0, n1]
+        },
+        o0,
+        o1,
+        o2,
+        o3,
+        o4,
+        o5,
+    );
+}
+
+/// Bᵀ of F(2, 5) at `o0.len()` positions, position k's six inputs from `inputs(k)`: the loop
+/// of [`column_half5`] and [`row_half5`]. The outputs are separate arguments, as in
+/// [`column_half3`]: in an array, these loops compiled to scalar code.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn five_into(
+    inputs: impl Fn(usize) -> [f32; 6],
+    o0: &mut [f32],
+    o1: &mut [f32],
+    o2: &mut [f32],
+    o3: &mut [f32],
+    o4: &mut [f32],
+    o5: &mut [f32],
+) {
+    let n = o0.len();
     let (o1, o2, o3, o4, o5) = (
         &mut o1[..n],
         &mut o2[..n],
@@ -420,9 +448,7 @@ fn column_half5(
         &mut o5[..n],
     );
     for k in 0..n {
-        let [a, b, c, d, e, f] = five([
-            prev[k][0], prev[k][1], cur[k][0], cur[k][1], next[k][0], next[k][1],
-        ]);
+        let [a, b, c, d, e, f] = five(inputs(k));
         o0[k] = a;
         o1[k] = b;
         o2[k] = c;
@@ -522,8 +548,7 @@ fn row_half3(
     }
 }
 
-/// B_hᵀ of F(2, 5) applied to six rows (tile rows 2ty−2 … 2ty+3). Outputs as separate
-/// arguments, as in [`column_half5`].
+/// B_hᵀ of F(2, 5) applied to six rows (tile rows 2ty−2 … 2ty+3).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn row_half5(
@@ -535,24 +560,16 @@ fn row_half5(
     o4: &mut [f32],
     o5: &mut [f32],
 ) {
-    let n = o0.len();
-    let [r0, r1, r2, r3, r4, r5] = rows.map(|r| &r[..n]);
-    let (o1, o2, o3, o4, o5) = (
-        &mut o1[..n],
-        &mut o2[..n],
-        &mut o3[..n],
-        &mut o4[..n],
-        &mut o5[..n],
+    let [r0, r1, r2, r3, r4, r5] = rows.map(|r| &r[..o0.len()]);
+    five_into(
+        |t| [r0[t], r1[t], r2[t], r3[t], r4[t], r5[t]],
+        o0,
+        o1,
+        o2,
+        o3,
+        o4,
+        o5,
     );
-    for t in 0..n {
-        let [a, b, c, d, e, f] = five([r0[t], r1[t], r2[t], r3[t], r4[t], r5[t]]);
-        o0[t] = a;
-        o1[t] = b;
-        o2[t] = c;
-        o3[t] = d;
-        o4[t] = e;
-        o5[t] = f;
-    }
 }
 
 vectorised! {
