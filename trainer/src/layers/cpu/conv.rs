@@ -834,16 +834,19 @@ mod tests {
             (1, 3, 16, 16, 2, 3, 3, 1, 1, 1),
             (1, 2, 32, 32, 2, 3, 3, 2, 1, 1),
             (2, 2, 31, 31, 3, 3, 3, 2, 1, 1),
-            // 3×3, stride 1, padded by one, with at least 8 channels on one side or both:
-            // Winograd for the forward pass, the input gradient, or both; odd sizes and 1×1.
-            (2, 8, 7, 9, 8, 3, 3, 1, 1, 1),
-            (2, 3, 10, 6, 16, 3, 3, 1, 1, 1),
-            (3, 16, 17, 16, 4, 3, 3, 1, 1, 1),
-            (2, 9, 1, 1, 9, 3, 3, 1, 1, 1),
-            // The same with 5 taps along one axis or both.
+            // Stride 1, "same" padding, even sizes and at least 8 channels on both sides:
+            // Winograd for the forward pass and the input gradient. 3×3 (one band and two),
+            // then 5 taps along one axis or both.
+            (2, 8, 8, 10, 9, 3, 3, 1, 1, 1),
+            (1, 8, 34, 18, 8, 3, 3, 1, 1, 1),
             (2, 8, 6, 10, 8, 3, 5, 1, 1, 2),
             (2, 8, 4, 4, 9, 5, 5, 1, 2, 2),
             (1, 9, 8, 2, 8, 5, 3, 1, 2, 1),
+            // The same filters where Winograd does not apply: odd sizes, 1×1, fewer than 8
+            // channels on one side.
+            (2, 8, 7, 9, 8, 3, 3, 1, 1, 1),
+            (2, 9, 1, 1, 9, 3, 3, 1, 1, 1),
+            (2, 3, 10, 6, 16, 3, 3, 1, 1, 1),
             (2, 3, 6, 6, 12, 3, 5, 1, 1, 2),
         ];
         for (n, cin, h, w, cout, kh, kw, s, ph, pw) in cases {
