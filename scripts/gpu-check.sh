@@ -3,26 +3,46 @@
 # Prepare here:
 #   scripts/build-cuda.sh --features cudnn                  # .gpu/trainer, .gpu/env.sh
 #   scripts/cifar-subset.sh "$(../shared/data/get-cifar10)" .gpu/cifar 1000 2000
-# then run with the device tool: command "scripts/gpu-check.sh", carry [".gpu"].
+# then run with the device tool: command "scripts/gpu-check.sh", carry [".gpu"], and a
+# timeout_s above GPU_CHECK_BUDGET.
 # Results go to $OUT (or /tmp/gpu-check): the tables, JSON, nvidia-smi samples and logs.
+#
+# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540: one device call may run
+# 600, and a session has 900 in all, machine start included). Each step's own limit is cut
+# to what is left, and a step that would start with under 20 s left is skipped and says so
+# in steps.log; the steps run most important first, and the summary is always written. The
+# steps' own limits add up to 1,380 s, which one call could not have held.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
 . .gpu/env.sh
 py=${CAMBRIAN_PYTHON:-python3}
 t=.gpu/trainer
+budget=${GPU_CHECK_BUDGET:-540}
 log() { echo "== $(date +%T) $*" | tee -a "$out/steps.log"; }
+# limited SECONDS COMMAND...: COMMAND under `timeout`, with SECONDS cut to the budget left
+# (less 10 s for what follows); skipped, with exit status 124, when under 20 s are left.
+limited() {
+  local limit=$1 left=$((budget - SECONDS - 10))
+  shift
+  if ((left < 20)); then
+    log "skipped, budget spent: $*"
+    return 124
+  fi
+  ((limit > left)) && limit=$left
+  timeout "$limit" "$@"
+}
 
 log "device"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-$py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >> "$out/nvidia-smi.txt" 2>&1
+limited 60 $py -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))' >> "$out/nvidia-smi.txt" 2>&1
 
 # 0. Our CUDA kernels against Candle's operations on the GPU (outputs and gradients).
 log "check-ops"
-timeout 120 $t check-ops --device cuda > "$out/check-ops.txt" 2> "$out/check-ops.log"
+limited 120 $t check-ops --device cuda > "$out/check-ops.txt" 2> "$out/check-ops.log"
 echo "check-ops exit $?" >> "$out/check-ops.txt"
 # The cuDNN convolutions too, when the binary has them (scripts/build-cuda.sh --features cudnn).
-CAMBRIAN_CONV=cudnn timeout 120 $t check-ops --device cuda >> "$out/check-ops.txt" 2>> "$out/check-ops.log"
+limited 120 env CAMBRIAN_CONV=cudnn $t check-ops --device cuda >> "$out/check-ops.txt" 2>> "$out/check-ops.log"
 echo "check-ops (CAMBRIAN_CONV=cudnn) exit $?" >> "$out/check-ops.txt"
 
 # 1. Candle against PyTorch eager on the same GPU: the three reference DNAs, batch 50 and 256,
@@ -30,20 +50,20 @@ echo "check-ops (CAMBRIAN_CONV=cudnn) exit $?" >> "$out/check-ops.txt"
 #    our kernels replace) and PyTorch with TF32, for reference.
 for b in 50 256; do
   log "bench batch $b"
-  timeout 150 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
+  limited 150 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops --torch "$py" \
     > "$out/bench-b$b.txt" 2> "$out/bench-b$b.log"
 done
 log "bench batch 256, one GEMM per convolution pass (no sample groups)"
-CAMBRIAN_CONV_GROUPS=1 timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops \
+limited 100 env CAMBRIAN_CONV_GROUPS=1 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops \
   > "$out/bench-b256-one-group.txt" 2>> "$out/bench-b256.log"
 log "bench batch 256, composed ops; TF32 for both"
-timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops --composed \
+limited 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --ops --composed \
   > "$out/bench-b256-composed.txt" 2>> "$out/bench-b256.log"
-timeout 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --tf32 --torch "$py" --torch-args=--tf32 \
+limited 100 $t bench --device cuda --batch 256 --steps 30 --warmup 5 --tf32 --torch "$py" --torch-args=--tf32 \
   > "$out/bench-b256-tf32.txt" 2>> "$out/bench-b256.log"
 for b in 50 256; do
   log "bench batch $b, cuDNN convolutions"
-  CAMBRIAN_CONV=cudnn timeout 100 $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops \
+  limited 100 env CAMBRIAN_CONV=cudnn $t bench --device cuda --batch $b --steps 30 --warmup 5 --ops \
     > "$out/bench-b$b-cudnn.txt" 2>> "$out/bench-b$b.log"
 done
 
@@ -73,7 +93,7 @@ for loops in 1 4; do
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
     > "$out/util-$loops.csv" 2>/dev/null &
   smi=$!
-  timeout 80 $t worker --manifest "$out/util.yaml" --data .gpu/cifar --device cuda --loops $loops \
+  limited 80 $t worker --manifest "$out/util.yaml" --data .gpu/cifar --device cuda --loops $loops \
     > "$out/util-$loops.log" 2>&1
   kill $smi 2>/dev/null
   awk -F, '{s+=$1; n++} END {if (n) printf "loops=%d mean GPU utilisation %.1f%% over %d samples\n", '"$loops"', s/n, n}' \
@@ -105,7 +125,7 @@ spec:
 YAML
 log "evolution"
 rm -rf /tmp/gpu-evolution
-timeout 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
+limited 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
   > "$out/evolution.txt" 2> "$out/evolution.log"
 log "done"
 # Everything that matters in one place (the device tool returns a limited number of files).
