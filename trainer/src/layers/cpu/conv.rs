@@ -551,7 +551,7 @@ impl CustomOp3 for Conv2d {
         }
         let winograd = d
             .winograd(d.cin, d.cout)
-            .map(|shape| (shape, shape.transform_kernel(w, Kernel::Forward)));
+            .map(|shape| shape.prepare(w, Kernel::Forward));
         // SAFETY: chunk `image` holds that image's Cout rows of P outputs. Winograd's output
         // transform writes every one of them; otherwise each row is written with its
         // channel's bias (there are Cout biases, checked above) before the product is added
@@ -559,10 +559,8 @@ impl CustomOp3 for Conv2d {
         let y = unsafe {
             par_written(d.n * d.cout * p, d.cout * p, |image, y| {
                 let x = &x[image * d.image()..][..d.image()];
-                if let Some((shape, u)) = &winograd {
-                    with_scratch(shape.scratch_len(), |scratch| {
-                        shape.apply(u, x, Some(b), y, scratch)
-                    });
+                if let Some(winograd) = &winograd {
+                    winograd.apply(x, Some(b), y);
                     return;
                 }
                 for (row, &bias) in y.chunks_exact_mut(p).zip(b) {
@@ -669,7 +667,7 @@ impl CustomOp2 for InputGrad {
         }
         let winograd = d
             .winograd(d.cout, d.cin)
-            .map(|shape| (shape, shape.transform_kernel(w, Kernel::Flipped)));
+            .map(|shape| shape.prepare(w, Kernel::Flipped));
         // Each image's gradient is zeroed by the thread that scatters into it: zeroed up
         // front (`vec![0.0; …]`), the whole batch's was a serial memset on the calling thread,
         // 7% of that thread's time in the skip model's profile, with the other core idle.
@@ -677,11 +675,8 @@ impl CustomOp2 for InputGrad {
         // otherwise every element is written (zeroed) before it is read.
         let dx = unsafe {
             par_written(d.n * d.image(), d.image(), |image, dx| {
-                if let Some((shape, u)) = &winograd {
-                    let dy = &dy[image * d.cout * p..][..d.cout * p];
-                    with_scratch(shape.scratch_len(), |scratch| {
-                        shape.apply(u, dy, None, dx, scratch)
-                    });
+                if let Some(winograd) = &winograd {
+                    winograd.apply(&dy[image * d.cout * p..][..d.cout * p], None, dx);
                     return;
                 }
                 for v in dx.iter_mut() {

@@ -41,7 +41,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::GemmOperand;
+use super::{with_scratch, GemmOperand};
 
 /// Floats between the planes of V and of M, so that planes a multiple of 4 KiB long do not
 /// start in the same L1 sets: the transforms read or write four to six planes at once. On
@@ -145,6 +145,11 @@ impl Winograd {
             && self.inputs.min(self.outputs) >= 8
     }
 
+    /// Tile rows and columns: 2×2 outputs each.
+    fn tiles(&self) -> (usize, usize) {
+        (self.h / 2, self.w / 2)
+    }
+
     /// Tile positions ξ: one GEMM each.
     fn positions(&self) -> usize {
         self.rows.tile() * self.columns.tile()
@@ -154,13 +159,13 @@ impl Winograd {
     /// band of whole tile rows at a time, at least [`BAND_TILES`] tiles, so that V and M stay
     /// in the core's L2 cache.
     fn band_tiles(&self) -> usize {
-        let (th, tw) = (self.h / 2, self.w / 2);
+        let (th, tw) = self.tiles();
         BAND_TILES.div_ceil(tw).min(th) * tw
     }
 
     /// Floats of the column half's output: a row per image row and tile column position.
     fn column_rows_len(&self) -> usize {
-        self.columns.tile() * self.inputs * self.h * (self.w / 2)
+        self.columns.tile() * self.inputs * self.h * self.tiles().1
     }
 
     /// Floats of scratch for one image: the column half's rows, the output transform's
@@ -169,8 +174,16 @@ impl Winograd {
         let t = self.band_tiles();
         self.column_rows_len()
             + 2 * self.columns.tile() * t
-            + self.w / 2
+            + self.tiles().1
             + self.positions() * ((self.inputs + self.outputs) * t + 2 * PLANE_GAP)
+    }
+
+    /// This convolution with its kernels transformed, ready to apply to images.
+    pub fn prepare(self, kernel: &[f32], layout: Kernel) -> Prepared {
+        Prepared {
+            u: self.transform_kernel(kernel, layout),
+            shape: self,
+        }
     }
 
     /// U [ξ][outputs][inputs] from the kernels.
@@ -222,37 +235,53 @@ impl Winograd {
         }
         u
     }
+}
 
+/// A [`Winograd`] convolution and its transformed kernels U, made once per call of an op
+/// and applied to each of its images.
+pub(super) struct Prepared {
+    shape: Winograd,
+    u: Vec<f32>,
+}
+
+impl Prepared {
     /// y [outputs][h][w] (every element written) from one image `x` [inputs][h][w], plus
-    /// `bias` per output channel if given.
-    pub fn apply(
+    /// `bias` per output channel if given, in this thread's scratch buffer.
+    pub fn apply(&self, x: &[f32], bias: Option<&[f32]>, y: &mut [MaybeUninit<f32>]) {
+        with_scratch(self.shape.scratch_len(), |scratch| {
+            self.apply_in(x, bias, y, scratch)
+        });
+    }
+
+    /// [`Self::apply`] in `scratch` ([`Winograd::scratch_len`] floats).
+    fn apply_in(
         &self,
-        u: &[f32],
         x: &[f32],
         bias: Option<&[f32]>,
         y: &mut [MaybeUninit<f32>],
         scratch: &mut [f32],
     ) {
+        let (shape, u) = (&self.shape, &self.u[..]);
+        let (th, tw) = shape.tiles();
         assert!(
-            self.h.is_multiple_of(2) && self.w.is_multiple_of(2) && self.h > 0,
+            th > 0 && 2 * th == shape.h && 2 * tw == shape.w,
             "Winograd tiles need even, non-zero sizes"
         );
-        let t = self.band_tiles();
-        let positions = self.positions();
-        let (d, rest) = scratch.split_at_mut(self.column_rows_len());
-        let (rows, rest) = rest.split_at_mut(2 * self.columns.tile() * t);
-        let (zeros, rest) = rest.split_at_mut(self.w / 2);
-        let (v, m) = rest.split_at_mut(positions * (self.inputs * t + PLANE_GAP));
+        let t = shape.band_tiles();
+        let positions = shape.positions();
+        let (d, rest) = scratch.split_at_mut(shape.column_rows_len());
+        let (rows, rest) = rest.split_at_mut(2 * shape.columns.tile() * t);
+        let (zeros, rest) = rest.split_at_mut(tw);
+        let (v, m) = rest.split_at_mut(positions * (shape.inputs * t + PLANE_GAP));
         zeros.fill(0.0);
-        column_transform(x, self, d);
-        let (o_n, i_n) = (self.outputs, self.inputs);
-        let (th, tw) = (self.h / 2, self.w / 2);
+        column_transform(x, shape, d);
+        let (o_n, i_n) = (shape.outputs, shape.inputs);
         let band = t / tw;
         for first in (0..th).step_by(band) {
             let tys = first..(first + band).min(th);
             let t = tys.len() * tw;
             let (vs, ms) = (i_n * t + PLANE_GAP, o_n * t + PLANE_GAP);
-            row_transform(d, self, tys.clone(), &mut v[..positions * vs], zeros);
+            row_transform(d, shape, tys.clone(), &mut v[..positions * vs], zeros);
             for xi in 0..positions {
                 GemmOperand::row_major(&u[xi * o_n * i_n..][..o_n * i_n], i_n).times(
                     &GemmOperand::row_major(&v[xi * vs..][..i_n * t], t),
@@ -264,7 +293,7 @@ impl Winograd {
                 );
             }
             let m = &m[..positions * ms];
-            output_transform(m, self, tys, bias.unwrap_or(&[]), rows, y);
+            output_transform(m, shape, tys, bias.unwrap_or(&[]), rows, y);
         }
     }
 }
@@ -280,7 +309,7 @@ vectorised! {
     /// development machine (a probe outside the trainer), mostly loop overhead and register
     /// spills, as slow as the im2col it replaced. The two halves written this way took 56.
     fn column_transform(x: &[f32], shape: &Winograd, d: &mut [f32]) {
-        let (h, tw) = (shape.h, shape.w / 2);
+        let (h, tw) = (shape.h, shape.tiles().1);
         let n = shape.inputs * h * tw;
         let pairs = &x.as_chunks::<2>().0[..n];
         let mut out: Vec<&mut [f32]> = d[..shape.columns.tile() * n].chunks_exact_mut(n).collect();
@@ -469,7 +498,7 @@ vectorised! {
         v: &mut [f32],
         zeros: &[f32],
     ) {
-        let (h, tw) = (shape.h, shape.w / 2);
+        let (h, tw) = (shape.h, shape.tiles().1);
         let n = shape.inputs * h * tw;
         let (nh, nw) = (shape.rows.tile(), shape.columns.tile());
         let pad = shape.rows.pad();
@@ -585,7 +614,7 @@ vectorised! {
         rows: &mut [f32],
         y: &mut [MaybeUninit<f32>],
     ) {
-        let (w, tw) = (shape.w, shape.w / 2);
+        let (w, tw) = (shape.w, shape.tiles().1);
         let (nh, nw) = (shape.rows.tile(), shape.columns.tile());
         let tiles = tys.len() * tw;
         let plane_stride = shape.outputs * tiles + PLANE_GAP;
@@ -747,10 +776,11 @@ mod tests {
         y
     }
 
-    fn run(shape: &Winograd, u: &[f32], x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    fn run(prepared: &Prepared, x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let shape = &prepared.shape;
         let mut y = vec![MaybeUninit::new(f32::NAN); shape.outputs * shape.h * shape.w];
         let mut scratch = vec![f32::NAN; shape.scratch_len()];
-        shape.apply(u, x, bias, &mut y, &mut scratch);
+        prepared.apply_in(x, bias, &mut y, &mut scratch);
         // SAFETY: MaybeUninit<f32> has f32's layout, and every element was initialised above
         // (to NaN, which a missed write would leave behind).
         y.into_iter().map(|v| unsafe { v.assume_init() }).collect()
@@ -787,10 +817,10 @@ mod tests {
                     .map(|_| r.random_range(-1.0..1.0))
                     .collect();
                 let bias: Vec<f32> = (0..outputs).map(|_| r.random_range(-1.0..1.0)).collect();
-                let u = shape.transform_kernel(&k, Kernel::Forward);
+                let prepared = shape.prepare(&k, Kernel::Forward);
                 for b in [None, Some(&bias[..])] {
                     let expected = direct(&x, &k, &shape, b.unwrap_or(&[]));
-                    let got = run(&shape, &u, &x, b);
+                    let got = run(&prepared, &x, b);
                     let worst = expected
                         .iter()
                         .zip(&got)
