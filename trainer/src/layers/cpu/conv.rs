@@ -732,54 +732,67 @@ impl CustomOp2 for WeightGrad {
         // 64) was faster the other way. So when K ≥ Cout each thread sums dWᵀ [K×Cout], and
         // the total is transposed once at the end.
         let transposed = k >= d.cout;
+        // Winograd's where the forward pass takes it: each thread sums dU, the gradient of the
+        // transformed kernels, and the total becomes dW once at the end.
+        let winograd = d.winograd(d.cin, d.cout);
+        let summed = winograd.map_or(size, |shape| shape.gradient_len());
         // Each thread sums its images' products into its own buffer; the buffers are added.
         let threads = rayon::current_num_threads().max(1);
         let per = d.n.div_ceil(threads).max(1);
         let partials: Vec<Vec<f32>> = (0..d.n.div_ceil(per))
             .into_par_iter()
             .map(|chunk| {
-                let mut grads = vec![0f32; size + d.cout];
-                with_scratch(scratch_len(&d), |scratch| {
-                    let (col, phases) = scratch.split_at_mut(k * d.ld());
-                    for i in chunk * per..((chunk + 1) * per).min(d.n) {
-                        im2col(&x[i * d.image()..(i + 1) * d.image()], &d, col, phases);
-                        let dy = &dy[i * d.cout * p..(i + 1) * d.cout * p];
-                        let (dw, db) = grads.split_at_mut(size);
-                        let accumulate = i > chunk * per;
-                        if transposed {
-                            // dyᵀ: [P×Cout], read from dy [Cout×P] with swapped strides.
-                            GemmOperand::row_major(col, d.ld()).times(
-                                &GemmOperand::transposed(dy, p),
-                                dw,
-                                k,
-                                d.cout,
-                                p,
-                                accumulate,
-                            );
-                        } else {
-                            // colᵀ: [P×K], read from col [K×P] with swapped strides.
-                            GemmOperand::row_major(dy, p).times(
-                                &GemmOperand::transposed(col, d.ld()),
-                                dw,
-                                d.cout,
-                                k,
-                                p,
-                                accumulate,
-                            );
-                        }
-                        for (db, row) in db.iter_mut().zip(dy.chunks_exact(p)) {
-                            *db += lane_sum(row, |v| v);
-                        }
+                let mut grads = vec![0f32; summed + d.cout];
+                for i in chunk * per..((chunk + 1) * per).min(d.n) {
+                    let x = &x[i * d.image()..(i + 1) * d.image()];
+                    let dy = &dy[i * d.cout * p..(i + 1) * d.cout * p];
+                    let (dw, db) = grads.split_at_mut(summed);
+                    let accumulate = i > chunk * per;
+                    if let Some(shape) = &winograd {
+                        shape.accumulate_gradient(x, dy, dw, accumulate);
+                    } else {
+                        with_scratch(scratch_len(&d), |scratch| {
+                            let (col, phases) = scratch.split_at_mut(k * d.ld());
+                            im2col(x, &d, col, phases);
+                            if transposed {
+                                // dyᵀ: [P×Cout], read from dy [Cout×P] with swapped strides.
+                                GemmOperand::row_major(col, d.ld()).times(
+                                    &GemmOperand::transposed(dy, p),
+                                    dw,
+                                    k,
+                                    d.cout,
+                                    p,
+                                    accumulate,
+                                );
+                            } else {
+                                // colᵀ: [P×K], read from col [K×P] with swapped strides.
+                                GemmOperand::row_major(dy, p).times(
+                                    &GemmOperand::transposed(col, d.ld()),
+                                    dw,
+                                    d.cout,
+                                    k,
+                                    p,
+                                    accumulate,
+                                );
+                            }
+                        });
                     }
-                });
+                    for (db, row) in db.iter_mut().zip(dy.chunks_exact(p)) {
+                        *db += lane_sum(row, |v| v);
+                    }
+                }
                 grads
             })
             .collect();
-        let mut sum = vec![0f32; size + d.cout];
+        let mut sum = vec![0f32; summed + d.cout];
         for partial in partials {
             add_into(&mut sum, &partial);
         }
-        if transposed {
+        if let Some(shape) = &winograd {
+            let mut packed = shape.kernel_gradient(&sum[..summed]);
+            packed.extend_from_slice(&sum[summed..]);
+            sum = packed;
+        } else if transposed {
             let dwt = sum[..size].to_vec();
             transpose(&dwt, k, d.cout, &mut sum[..size]);
         }
