@@ -1015,51 +1015,62 @@ mod tests {
     }
 
     /// Every pair of 3 and 5 taps; planes of one tile and of many, square and not, one row
-    /// or column of tiles, several bands, few channels. Scratch starts as NaN, so a value
-    /// read before it is written shows.
+    /// or column of tiles, several bands, few channels.
+    fn shapes() -> impl Iterator<Item = Winograd> {
+        let sizes = [
+            (8, 4, 8, 8),
+            (3, 5, 2, 2),
+            (1, 1, 2, 2),
+            (2, 3, 4, 18),
+            (5, 3, 34, 18),
+            (4, 2, 16, 34),
+            (1, 2, 6, 2),
+        ];
+        [(3, 3), (3, 5), (5, 3), (5, 5)]
+            .into_iter()
+            .flat_map(move |(kh, kw)| {
+                sizes
+                    .into_iter()
+                    .map(move |(inputs, outputs, h, w)| Winograd {
+                        inputs,
+                        outputs,
+                        h,
+                        w,
+                        rows: Taps::of(kh).expect("3 or 5"),
+                        columns: Taps::of(kw).expect("3 or 5"),
+                    })
+            })
+    }
+
+    /// The forward convolution for every shape of [`shapes`], with and without a bias.
+    /// Scratch starts as NaN, so a value read before it is written shows.
     #[test]
     fn matches_the_definition() {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for (kh, kw) in [(3, 3), (3, 5), (5, 3), (5, 5)] {
-            for (inputs, outputs, h, w) in [
-                (8, 4, 8, 8),
-                (3, 5, 2, 2),
-                (1, 1, 2, 2),
-                (2, 3, 4, 18),
-                (5, 3, 34, 18),
-                (4, 2, 16, 34),
-                (1, 2, 6, 2),
-            ] {
-                let shape = Winograd {
-                    inputs,
-                    outputs,
-                    h,
-                    w,
-                    rows: Taps::of(kh).expect("3 or 5"),
-                    columns: Taps::of(kw).expect("3 or 5"),
-                };
-                let x: Vec<f32> = (0..inputs * h * w)
-                    .map(|_| r.random_range(-1.0..1.0))
-                    .collect();
-                let k: Vec<f32> = (0..outputs * inputs * kh * kw)
-                    .map(|_| r.random_range(-1.0..1.0))
-                    .collect();
-                let bias: Vec<f32> = (0..outputs).map(|_| r.random_range(-1.0..1.0)).collect();
-                let prepared = shape.prepare(&k, Kernel::Forward);
-                for b in [None, Some(&bias[..])] {
-                    let expected = direct(&x, &k, &shape, b.unwrap_or(&[]));
-                    let got = run(&prepared, &x, b);
-                    let worst = expected
-                        .iter()
-                        .zip(&got)
-                        .map(|(e, g)| (e - g).abs())
-                        .fold(0f32, f32::max);
-                    assert!(
-                        worst < 1e-4,
-                        "{shape:?}, bias {}: off by {worst}",
-                        b.is_some()
-                    );
-                }
+        for shape in shapes() {
+            let (inputs, outputs, h, w) = (shape.inputs, shape.outputs, shape.h, shape.w);
+            let x: Vec<f32> = (0..inputs * h * w)
+                .map(|_| r.random_range(-1.0..1.0))
+                .collect();
+            let taps = shape.rows.len() * shape.columns.len();
+            let k: Vec<f32> = (0..outputs * inputs * taps)
+                .map(|_| r.random_range(-1.0..1.0))
+                .collect();
+            let bias: Vec<f32> = (0..outputs).map(|_| r.random_range(-1.0..1.0)).collect();
+            let prepared = shape.prepare(&k, Kernel::Forward);
+            for b in [None, Some(&bias[..])] {
+                let expected = direct(&x, &k, &shape, b.unwrap_or(&[]));
+                let got = run(&prepared, &x, b);
+                let worst = expected
+                    .iter()
+                    .zip(&got)
+                    .map(|(e, g)| (e - g).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{shape:?}, bias {}: off by {worst}",
+                    b.is_some()
+                );
             }
         }
     }
@@ -1098,50 +1109,32 @@ mod tests {
         dw.into_iter().map(|v| v as f32).collect()
     }
 
-    /// The kernel gradient over two images, for every pair of 3 and 5 taps and the shapes of
-    /// [`matches_the_definition`]. Scratch and dU start as NaN, so a value read before it is
-    /// written, or a first image added to what dU held, shows.
+    /// The kernel gradient over two images, for every shape of [`shapes`]. Scratch and dU
+    /// start as NaN, so a value read before it is written, or a first image added to what dU
+    /// held, shows.
     #[test]
     fn kernel_gradient_matches_the_definition() {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(13);
-        for (kh, kw) in [(3, 3), (3, 5), (5, 3), (5, 5)] {
-            for (inputs, outputs, h, w) in [
-                (8, 4, 8, 8),
-                (3, 5, 2, 2),
-                (1, 1, 2, 2),
-                (2, 3, 4, 18),
-                (5, 3, 34, 18),
-                (4, 2, 16, 34),
-                (1, 2, 6, 2),
-            ] {
-                let shape = Winograd {
-                    inputs,
-                    outputs,
-                    h,
-                    w,
-                    rows: Taps::of(kh).expect("3 or 5"),
-                    columns: Taps::of(kw).expect("3 or 5"),
-                };
-                let mut random = |len: usize| -> Vec<f32> {
-                    (0..len).map(|_| r.random_range(-1.0..1.0)).collect()
-                };
-                let images: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
-                    .map(|_| (random(inputs * h * w), random(outputs * h * w)))
-                    .collect();
-                let mut du = vec![f32::NAN; shape.gradient_len()];
-                let mut scratch = vec![f32::NAN; shape.gradient_scratch_len()];
-                for (n, (x, dy)) in images.iter().enumerate() {
-                    shape.accumulate_gradient_in(x, dy, &mut du, n > 0, &mut scratch);
-                }
-                let got = shape.kernel_gradient(&du);
-                let expected = direct_kernel_gradient(&images, &shape);
-                let worst = expected
-                    .iter()
-                    .zip(&got)
-                    .map(|(e, g)| (e - g).abs())
-                    .fold(0f32, f32::max);
-                assert!(worst < 1e-3, "{shape:?}: off by {worst}");
+        for shape in shapes() {
+            let (inputs, outputs, h, w) = (shape.inputs, shape.outputs, shape.h, shape.w);
+            let mut random =
+                |len: usize| -> Vec<f32> { (0..len).map(|_| r.random_range(-1.0..1.0)).collect() };
+            let images: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+                .map(|_| (random(inputs * h * w), random(outputs * h * w)))
+                .collect();
+            let mut du = vec![f32::NAN; shape.gradient_len()];
+            let mut scratch = vec![f32::NAN; shape.gradient_scratch_len()];
+            for (n, (x, dy)) in images.iter().enumerate() {
+                shape.accumulate_gradient_in(x, dy, &mut du, n > 0, &mut scratch);
             }
+            let got = shape.kernel_gradient(&du);
+            let expected = direct_kernel_gradient(&images, &shape);
+            let worst = expected
+                .iter()
+                .zip(&got)
+                .map(|(e, g)| (e - g).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{shape:?}: off by {worst}");
         }
     }
 
