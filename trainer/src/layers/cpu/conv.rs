@@ -19,9 +19,9 @@
 //! images, for the first layer) is not computed.
 //!
 //! Convolutions at stride 1 with 3 or 5 taps along each axis, padded to keep the size (most
-//! of the reference models' layers), run their forward pass and input gradient as Winograd
-//! F(2×2, kh×kw) instead, with 2.25× (3×3) to 2.5× (3×5) fewer multiplications: see
-//! `winograd.rs` and [`Dims::winograd`].
+//! of the reference models' layers), run all three passes as Winograd F(2×2, kh×kw) instead,
+//! with 2.25× (3×3) to 2.5× (3×5) fewer multiplications: see `winograd.rs` and
+//! [`Dims::winograd`].
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -140,8 +140,8 @@ impl Dims {
 
     /// This convolution as a Winograd F(2×2, kh×kw) one, where it is one at stride 1 with
     /// 3 or 5 taps along each axis, padded to keep the image's size, `inputs` → `outputs`
-    /// channels, and big enough to gain from it: (Cin, Cout) for the forward pass, (Cout,
-    /// Cin) for the input gradient.
+    /// channels, and big enough to gain from it: (Cin, Cout) for the forward pass and the
+    /// weight gradient, (Cout, Cin) for the input gradient.
     fn winograd(&self, inputs: usize, outputs: usize) -> Option<Winograd> {
         let (rows, columns) = (Taps::of(self.kh)?, Taps::of(self.kw)?);
         let g = self.g;
