@@ -205,26 +205,61 @@ impl Winograd {
         self.columns.tile() * self.inputs * self.h * self.tiles().1
     }
 
-    /// Floats of scratch for one image: the column half's rows, the output transform's
-    /// rows, a row of zeros (the padding), then V and M for one band.
-    pub fn scratch_len(&self) -> usize {
-        let t = self.band_tiles();
+    /// Floats of scratch for [`Self::input_bands`]: the column half's rows, a row of zeros
+    /// (the padding), then V for one band.
+    fn input_scratch_len(&self) -> usize {
         self.column_rows_len()
-            + 2 * self.columns.tile() * t
             + self.tiles().1
-            + self.positions() * ((self.inputs + self.outputs) * t + 2 * PLANE_GAP)
+            + self.positions() * (self.inputs * self.band_tiles() + PLANE_GAP)
     }
 
-    /// Floats of scratch for one image of the kernel gradient: the column half's rows, a row
-    /// of zeros, dy twice (its columns split into even and odd, then that with the channels
-    /// last), the row half of dy for one band, then V and dM for one band.
+    /// Floats of M (or dM) for one band: [ξ][outputs][tiles], planes `PLANE_GAP` apart.
+    fn products_len(&self) -> usize {
+        self.positions() * (self.outputs * self.band_tiles() + PLANE_GAP)
+    }
+
+    /// Floats of scratch for one image: the input transform's, M for one band, then the
+    /// output transform's rows.
+    pub fn scratch_len(&self) -> usize {
+        self.input_scratch_len() + self.products_len() + 2 * self.columns.tile() * self.band_tiles()
+    }
+
+    /// Floats of scratch for one image of the kernel gradient: the input transform's, dM for
+    /// one band, dy twice (its columns split into even and odd, then that with the channels
+    /// last), then the row half of dy for one band.
     pub fn gradient_scratch_len(&self) -> usize {
-        let t = self.band_tiles();
-        self.column_rows_len()
-            + self.tiles().1
+        self.input_scratch_len()
+            + self.products_len()
             + 2 * self.outputs * self.h * self.w
-            + 2 * self.outputs * t
-            + self.positions() * ((self.inputs + self.outputs) * t + 2 * PLANE_GAP)
+            + 2 * self.outputs * self.band_tiles()
+    }
+
+    /// The input transform of one image `x` [inputs][h][w], a band of tile rows at a time:
+    /// `band(tys, v)` gets each band's tile rows and V [ξ][inputs][tiles of the band], its
+    /// planes `inputs · tiles + PLANE_GAP` apart. `scratch` holds
+    /// [`Self::input_scratch_len`] floats.
+    fn input_bands(
+        &self,
+        x: &[f32],
+        scratch: &mut [f32],
+        mut band: impl FnMut(std::ops::Range<usize>, &[f32]),
+    ) {
+        let (th, tw) = self.tiles();
+        assert!(
+            th > 0 && 2 * th == self.h && 2 * tw == self.w,
+            "Winograd tiles need even, non-zero sizes"
+        );
+        let t = self.band_tiles();
+        let (d, rest) = scratch.split_at_mut(self.column_rows_len());
+        let (zeros, v) = rest.split_at_mut(tw);
+        zeros.fill(0.0);
+        column_transform(x, self, d);
+        for first in (0..th).step_by(t / tw) {
+            let tys = first..(first + t / tw).min(th);
+            let v = &mut v[..self.positions() * (self.inputs * tys.len() * tw + PLANE_GAP)];
+            row_transform(d, self, tys.clone(), v, zeros);
+            band(tys, v);
+        }
     }
 
     /// Floats of dU, the gradient of the transformed kernels: [ξ][inputs][outputs].
@@ -252,32 +287,20 @@ impl Winograd {
         mut accumulate: bool,
         scratch: &mut [f32],
     ) {
-        let (th, tw) = self.tiles();
-        assert!(
-            th > 0 && 2 * th == self.h && 2 * tw == self.w,
-            "Winograd tiles need even, non-zero sizes"
-        );
-        let t = self.band_tiles();
+        let tw = self.tiles().1;
         let positions = self.positions();
         let (o_n, i_n) = (self.outputs, self.inputs);
-        let (d, rest) = scratch.split_at_mut(self.column_rows_len());
-        let (zeros, rest) = rest.split_at_mut(tw);
+        let (input, rest) = scratch.split_at_mut(self.input_scratch_len());
+        let (m, rest) = rest.split_at_mut(self.products_len());
         let (split, rest) = rest.split_at_mut(o_n * self.h * self.w);
-        let (dy_last, rest) = rest.split_at_mut(o_n * self.h * self.w);
-        let (e, rest) = rest.split_at_mut(2 * o_n * t);
-        let (v, m) = rest.split_at_mut(positions * (i_n * t + PLANE_GAP));
-        zeros.fill(0.0);
-        column_transform(x, self, d);
+        let (dy_last, e) = rest.split_at_mut(o_n * self.h * self.w);
         // dy [outputs][h][w] → [outputs][even, odd columns][h][w/2] → [even, odd][h][w/2]
         // [outputs], so that each half of the gradient transform is a flat pass.
         split_columns(&dy[..o_n * self.h * self.w], self.h * self.w, split);
         transpose(split, o_n, self.h * self.w, dy_last);
-        let band = t / tw;
-        for first in (0..th).step_by(band) {
-            let tys = first..(first + band).min(th);
+        self.input_bands(x, input, |tys, v| {
             let t = tys.len() * tw;
             let (vs, ms) = (i_n * t + PLANE_GAP, o_n * t + PLANE_GAP);
-            row_transform(d, self, tys.clone(), &mut v[..positions * vs], zeros);
             gradient_transform(dy_last, self, tys, e, &mut m[..positions * ms]);
             for xi in 0..positions {
                 // dU[ξ] [outputs×inputs] += dM[ξ] [outputs×tiles] · V[ξ]ᵀ [tiles×inputs], with
@@ -294,7 +317,7 @@ impl Winograd {
                 );
             }
             accumulate = true;
-        }
+        });
     }
 
     /// dW [outputs][inputs][kh][kw] from dU [ξ][inputs][outputs]: G_hᵀ dU G_w for each pair
@@ -416,26 +439,14 @@ impl Prepared {
         scratch: &mut [f32],
     ) {
         let (shape, u) = (&self.shape, &self.u[..]);
-        let (th, tw) = shape.tiles();
-        assert!(
-            th > 0 && 2 * th == shape.h && 2 * tw == shape.w,
-            "Winograd tiles need even, non-zero sizes"
-        );
-        let t = shape.band_tiles();
+        let tw = shape.tiles().1;
         let positions = shape.positions();
-        let (d, rest) = scratch.split_at_mut(shape.column_rows_len());
-        let (rows, rest) = rest.split_at_mut(2 * shape.columns.tile() * t);
-        let (zeros, rest) = rest.split_at_mut(tw);
-        let (v, m) = rest.split_at_mut(positions * (shape.inputs * t + PLANE_GAP));
-        zeros.fill(0.0);
-        column_transform(x, shape, d);
+        let (input, rest) = scratch.split_at_mut(shape.input_scratch_len());
+        let (m, rows) = rest.split_at_mut(shape.products_len());
         let (o_n, i_n) = (shape.outputs, shape.inputs);
-        let band = t / tw;
-        for first in (0..th).step_by(band) {
-            let tys = first..(first + band).min(th);
+        shape.input_bands(x, input, |tys, v| {
             let t = tys.len() * tw;
             let (vs, ms) = (i_n * t + PLANE_GAP, o_n * t + PLANE_GAP);
-            row_transform(d, shape, tys.clone(), &mut v[..positions * vs], zeros);
             for xi in 0..positions {
                 GemmOperand::row_major(&u[xi * o_n * i_n..][..o_n * i_n], i_n).times(
                     &GemmOperand::row_major(&v[xi * vs..][..i_n * t], t),
@@ -448,7 +459,7 @@ impl Prepared {
             }
             let m = &m[..positions * ms];
             output_transform(m, shape, tys, bias.unwrap_or(&[]), rows, y);
-        }
+        });
     }
 }
 
