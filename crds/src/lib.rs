@@ -3,13 +3,16 @@
 //! point applies.
 
 pub mod manifest;
+pub mod parse;
 pub mod spec;
 pub mod status;
 pub mod validate;
 
+pub use manifest::Experiment;
+pub use parse::{parse_duration, parse_store_url, DurationError, StoreLocation, StoreUrlError};
 pub use spec::*;
 pub use status::*;
-pub use validate::{parse_duration, parse_store_url, validate, SpecError, StoreLocation};
+pub use validate::{validate, SpecError, ValidatedSpec};
 
 #[cfg(test)]
 mod tests;

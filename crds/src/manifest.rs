@@ -1,10 +1,10 @@
-//! Reading a manifest file, as `kubectl apply` would take it, for the local runner and the
-//! worker.
+//! Reading a manifest, as `kubectl apply` would take it: a file for the local runner, the
+//! JSON the operator hands its pods for the worker and the evaluation.
 
 use std::path::Path;
 
 use crate::spec::EvolutionExperiment;
-use crate::validate::{validate, SpecError};
+use crate::validate::{validate, SpecError, ValidatedSpec};
 
 pub const API_VERSION: &str = "cambrian.dev/v1alpha1";
 pub const KIND: &str = "EvolutionExperiment";
@@ -22,8 +22,31 @@ pub enum ManifestError {
     Invalid { path: String, source: SpecError },
 }
 
-/// Parses and validates a manifest.
-pub fn parse(path: &str, text: &str) -> Result<EvolutionExperiment, ManifestError> {
+/// What an entry point runs: an experiment's name and its validated spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Experiment {
+    pub name: String,
+    pub spec: ValidatedSpec,
+}
+
+impl Experiment {
+    /// The experiment of a resource whose spec validates; unnamed resources are called
+    /// `experiment`.
+    pub fn of(resource: &EvolutionExperiment) -> Result<Self, SpecError> {
+        Ok(Self {
+            name: resource
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_else(|| "experiment".into()),
+            spec: validate(&resource.spec)?,
+        })
+    }
+}
+
+/// Parses and validates a manifest (YAML, or JSON as the operator writes it); `path` names
+/// where it came from in errors.
+pub fn parse(path: &str, text: &str) -> Result<Experiment, ManifestError> {
     let parse_error = |reason: String| ManifestError::Parse {
         path: path.to_string(),
         reason,
@@ -39,16 +62,15 @@ pub fn parse(path: &str, text: &str) -> Result<EvolutionExperiment, ManifestErro
             kind.unwrap_or("none")
         )));
     }
-    let experiment: EvolutionExperiment =
+    let resource: EvolutionExperiment =
         serde_json::from_value(value).map_err(|e| parse_error(e.to_string()))?;
-    validate(&experiment.spec).map_err(|source| ManifestError::Invalid {
+    Experiment::of(&resource).map_err(|source| ManifestError::Invalid {
         path: path.to_string(),
         source,
-    })?;
-    Ok(experiment)
+    })
 }
 
-pub fn load(path: &Path) -> Result<EvolutionExperiment, ManifestError> {
+pub fn load(path: &Path) -> Result<Experiment, ManifestError> {
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.display().to_string(),
         source,

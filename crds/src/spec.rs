@@ -2,6 +2,8 @@
 //! is the paper's (§3, §4), so a manifest only names what it changes.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::CustomResource;
@@ -128,7 +130,9 @@ impl Default for TrainingSpec {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+/// The data set an experiment evolves classifiers for; the trainer knows each one's official
+/// files.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dataset {
     #[default]
@@ -141,6 +145,41 @@ impl Dataset {
         match self {
             Dataset::Cifar10 => "cifar10",
             Dataset::Cifar100 => "cifar100",
+        }
+    }
+
+    pub fn classes(self) -> usize {
+        match self {
+            Dataset::Cifar10 => 10,
+            Dataset::Cifar100 => 100,
+        }
+    }
+}
+
+impl fmt::Display for Dataset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A data set name that is not one of [`Dataset`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown data set {name:?}; expected cifar10 or cifar100")]
+pub struct UnknownDataset {
+    pub name: String,
+}
+
+impl FromStr for Dataset {
+    type Err = UnknownDataset;
+
+    /// Also takes `CIFAR-10` and `cifar-100`, as people write them.
+    fn from_str(s: &str) -> Result<Self, UnknownDataset> {
+        match s.to_ascii_lowercase().replace('-', "").as_str() {
+            "cifar10" => Ok(Self::Cifar10),
+            "cifar100" => Ok(Self::Cifar100),
+            _ => Err(UnknownDataset {
+                name: s.to_string(),
+            }),
         }
     }
 }

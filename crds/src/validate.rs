@@ -1,8 +1,11 @@
 //! The one validation of a spec, used by every entry point (local run, worker, operator), so
 //! that a bad manifest fails the same way everywhere, naming the field and why.
 
-use std::time::Duration;
+use std::ops::Deref;
 
+use serde::Serialize;
+
+use crate::parse::{parse_duration, parse_store_url, StoreLocation};
 use crate::spec::EvolutionExperimentSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,91 +23,43 @@ fn bad(field: &str, reason: impl Into<String>) -> Result<(), SpecError> {
     })
 }
 
-/// Parses a duration such as `90s`, `10m` or `2d 3h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("{e} (examples: 90s, 10m, 2d 3h)"))
-}
+/// A spec that [`validate`] accepted: what the entry points (local run, worker, evaluation,
+/// operator) take, so that nothing runs on a spec nobody checked. Change one by taking it
+/// apart ([`ValidatedSpec::into_inner`]) and validating the result again.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ValidatedSpec(EvolutionExperimentSpec);
 
-/// Which kind of store a URL names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreLocation {
-    S3 { bucket: String, prefix: String },
-    File { path: String },
-}
-
-/// Parses `s3://bucket/prefix` or `file:///absolute/path`, checking every part that will end
-/// up in an object key or a path.
-pub fn parse_store_url(url: &str) -> Result<StoreLocation, String> {
-    if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        check_bucket(bucket)?;
-        let prefix = prefix.trim_end_matches('/');
-        if !prefix.is_empty() {
-            for segment in prefix.split('/') {
-                check_segment(segment)?;
-            }
-        }
-        Ok(StoreLocation::S3 {
-            bucket: bucket.to_string(),
-            prefix: prefix.to_string(),
-        })
-    } else if let Some(path) = url.strip_prefix("file://") {
-        if !path.starts_with('/') {
-            return Err(format!(
-                "a file URL needs an absolute path (file:///data/evolution), got {url:?}"
-            ));
-        }
-        for segment in path.split('/').filter(|s| !s.is_empty()) {
-            check_segment(segment)?;
-        }
-        Ok(StoreLocation::File {
-            path: path.trim_end_matches('/').to_string(),
-        })
-    } else {
-        Err(format!("must start with s3:// or file://, got {url:?}"))
+impl ValidatedSpec {
+    pub fn into_inner(self) -> EvolutionExperimentSpec {
+        self.0
     }
 }
 
-/// S3 bucket naming rules: 3-63 characters of lower-case letters, digits, dots and hyphens,
-/// starting and ending with a letter or digit.
-fn check_bucket(bucket: &str) -> Result<(), String> {
-    let ok_chars = bucket
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    let ok_ends = bucket
-        .chars()
-        .next()
-        .zip(bucket.chars().last())
-        .is_some_and(|(a, b)| a.is_ascii_alphanumeric() && b.is_ascii_alphanumeric());
-    if (3..=63).contains(&bucket.len()) && ok_chars && ok_ends && !bucket.contains("..") {
-        Ok(())
-    } else {
-        Err(format!(
-            "bucket name {bucket:?} is not valid (3-63 lower-case letters, digits, '.', '-')"
-        ))
+impl Deref for ValidatedSpec {
+    type Target = EvolutionExperimentSpec;
+
+    fn deref(&self) -> &EvolutionExperimentSpec {
+        &self.0
     }
 }
 
-/// One segment of a key prefix or path: letters, digits, `-`, `_`, `.`; never `.` or `..`.
-fn check_segment(segment: &str) -> Result<(), String> {
-    let ok = !segment.is_empty()
-        && segment != "."
-        && segment != ".."
-        && segment.len() <= 128
-        && segment
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "path segment {segment:?} is not allowed (letters, digits, '-', '_', '.'; not '.' or '..')"
-        ))
+impl TryFrom<EvolutionExperimentSpec> for ValidatedSpec {
+    type Error = SpecError;
+
+    fn try_from(spec: EvolutionExperimentSpec) -> Result<Self, SpecError> {
+        check(&spec)?;
+        Ok(Self(spec))
     }
 }
 
 /// Checks every field; the first problem found is reported.
-pub fn validate(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
+pub fn validate(spec: &EvolutionExperimentSpec) -> Result<ValidatedSpec, SpecError> {
+    check(spec)?;
+    Ok(ValidatedSpec(spec.clone()))
+}
+
+fn check(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
     if spec.population < 2 {
         return bad(
             "spec.population",
@@ -179,8 +134,8 @@ pub fn validate(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
             );
         }
         if let Some(rest) = source.strip_prefix("s3://") {
-            if let Err(reason) = parse_store_url(&format!("s3://{rest}")) {
-                return bad("spec.data.source", reason);
+            if let Err(e) = parse_store_url(&format!("s3://{rest}")) {
+                return bad("spec.data.source", e.to_string());
             }
         }
     }
@@ -191,7 +146,7 @@ pub fn validate(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
     }
     let location = match parse_store_url(&spec.store.url) {
         Ok(l) => l,
-        Err(reason) => return bad("spec.store.url", reason),
+        Err(e) => return bad("spec.store.url", e.to_string()),
     };
     if let Some(endpoint) = &spec.store.endpoint {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -226,7 +181,7 @@ pub fn validate(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
         match parse_duration(wall) {
             Ok(d) if d.is_zero() => return bad("spec.stop.wallTime", "must be positive"),
             Ok(_) => {}
-            Err(reason) => return bad("spec.stop.wallTime", reason),
+            Err(e) => return bad("spec.stop.wallTime", e.to_string()),
         }
     }
     if let Some(acc) = spec.stop.target_validation_accuracy {

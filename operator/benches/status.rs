@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cambrian_tests::population::fill;
 use cambrian_tests::s3_store;
 use cambrian_tests::s3s::S3Server;
-use trainer::store::{CountingStore, Population};
+use population::fixtures::{self, fill};
+use population::store::{CountingStore, Population};
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -22,12 +22,11 @@ fn main() {
         let s3 = Arc::try_unwrap(s3).unwrap_or_else(|_| unreachable!());
         let store = Arc::new(CountingStore::new(s3));
         let population = Population::new(store.clone());
-        let mut exp = crds::EvolutionExperiment::new(
-            "bench",
-            serde_json::from_value(serde_json::json!({ "store": { "url": "s3://status/bench" } })).unwrap(),
-        );
-        exp.metadata.namespace = Some("ns".into());
-        population.start_experiment("bench", &exp.spec).await.unwrap();
+        let exp = crds::Experiment {
+            name: "bench".into(),
+            spec: fixtures::spec(serde_json::json!({ "store": { "url": "s3://status/bench" } })),
+        };
+        population.start_experiment(&exp.name, &exp.spec).await.unwrap();
         fill(&population, 1000, 250).await;
         let rounds = 20;
         let before = store.counts();

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crds::{EvolutionExperiment, EvolutionExperimentStatus, Phase, Retention};
+use crds::{
+    EvolutionExperiment, EvolutionExperimentStatus, Experiment, Phase, Retention, SpecError,
+};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
@@ -14,15 +16,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
-use trainer::store::{self, Population};
+use kube::{Client, ResourceExt};
+use population::stop::stop_reason;
+use population::store::{self, Population};
 
+use crate::events::{publish, Reason};
 use crate::jobs::{self, JobSettings, JobState};
 use crate::metrics::Metrics;
-use crate::status::{self, Observation, StoreView};
+use crate::status::{self, already_said, ConditionReason, ConditionType, Observation, StoreView};
 use crate::{Error, Result, FINALIZER, MANAGER};
 
 /// What every reconcile needs.
@@ -53,9 +57,7 @@ impl Context {
 
 pub async fn reconcile(exp: Arc<EvolutionExperiment>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.count_and_measure();
-    let namespace = exp
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(exp.name_any()))?;
+    let namespace = namespace_of(&exp)?;
     let api: Api<EvolutionExperiment> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, exp, |event| async {
         match event {
@@ -75,6 +77,11 @@ pub fn error_policy(exp: Arc<EvolutionExperiment>, error: &Error, ctx: Arc<Conte
 
 fn now() -> Time {
     Time(Timestamp::now())
+}
+
+fn namespace_of(exp: &EvolutionExperiment) -> Result<String> {
+    exp.namespace()
+        .ok_or_else(|| Error::NoNamespace(exp.name_any()))
 }
 
 /// The store of an experiment, with the credentials of its Secret if it names one. Secret
@@ -116,16 +123,13 @@ async fn population(
 /// Reads what the status needs from the store: two LISTs (`alive/`, `progress/`) and a few
 /// GETs (experiment, stop marker, best record, its test result). Stop conditions met are
 /// turned into the stop marker here.
-pub async fn observe_store(
-    exp: &EvolutionExperiment,
-    population: &Population,
-) -> Result<StoreView> {
+pub async fn observe_store(experiment: &Experiment, population: &Population) -> Result<StoreView> {
     let record = population
-        .start_experiment(&exp.name_any(), &exp.spec)
+        .start_experiment(&experiment.name, &experiment.spec)
         .await?;
     let mut stop = population.stop_marker().await?;
     if stop.is_none() {
-        if let Some(reason) = trainer::worker::stop_reason(population, &record).await? {
+        if let Some(reason) = stop_reason(population, &record).await? {
             population.request_stop(&reason).await?;
             stop = population.stop_marker().await?;
         }
@@ -148,40 +152,12 @@ pub async fn observe_store(
     })
 }
 
-fn namespace_or_err(exp: &EvolutionExperiment) -> Result<String> {
-    exp.namespace()
-        .ok_or_else(|| Error::NoNamespace(exp.name_any()))
-}
-
-async fn publish(
-    exp: &EvolutionExperiment,
-    ctx: &Context,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) -> Result<()> {
-    ctx.recorder
-        .publish(
-            &Event {
-                type_,
-                reason: reason.into(),
-                note: Some(note),
-                action: "Reconcile".into(),
-                secondary: None,
-            },
-            &exp.object_ref(&()),
-        )
-        .await?;
-    Ok(())
-}
-
 async fn write_status(
     exp: &EvolutionExperiment,
     ctx: &Context,
     status: &EvolutionExperimentStatus,
 ) -> Result<()> {
-    let api: Api<EvolutionExperiment> =
-        Api::namespaced(ctx.client.clone(), &namespace_or_err(exp)?);
+    let api: Api<EvolutionExperiment> = Api::namespaced(ctx.client.clone(), &namespace_of(exp)?);
     let patch = Patch::Apply(serde_json::json!({
         "apiVersion": crds::manifest::API_VERSION,
         "kind": crds::manifest::KIND,
@@ -196,8 +172,7 @@ async fn write_status(
     Ok(())
 }
 
-async fn apply_job(exp: &EvolutionExperiment, ctx: &Context, job: &Job) -> Result<()> {
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace_or_err(exp)?);
+async fn apply_job(jobs: &Api<Job>, job: &Job) -> Result<()> {
     let name = job.metadata.name.clone().unwrap_or_default();
     jobs.patch(
         &name,
@@ -210,39 +185,19 @@ async fn apply_job(exp: &EvolutionExperiment, ctx: &Context, job: &Job) -> Resul
 
 /// Brings the world in line with the spec and reports it.
 pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
-    let namespace = namespace_or_err(exp)?;
-    let name = exp.name_any();
+    let namespace = namespace_of(exp)?;
     let previous = exp.status.clone().unwrap_or_default();
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut obs = Observation {
-        generation: exp.meta().generation,
+        generation: exp.metadata.generation,
         ..Observation::default()
     };
-
-    if let Err(error) = crds::validate(&exp.spec) {
-        obs.spec_error = Some(error.clone());
-        let status = status::compute(&exp.spec, &previous, &obs, &now());
-        let already = previous
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Valid" && c.status == "False" && c.message == error.to_string());
-        if !already {
-            publish(
-                exp,
-                ctx,
-                EventType::Warning,
-                "InvalidSpec",
-                error.to_string(),
-            )
-            .await?;
-        }
-        write_status(exp, ctx, &status).await?;
-        // Nothing runs until the spec changes, which triggers a reconcile by itexp.
-        return Ok(Action::await_change());
-    }
+    let experiment = match Experiment::of(exp) {
+        Ok(experiment) => experiment,
+        Err(error) => return refuse(exp, ctx, &previous, obs, error).await,
+    };
 
     let view = match population(exp, ctx, &namespace).await {
-        Ok(population) => observe_store(exp, &population).await,
+        Ok(population) => observe_store(&experiment, &population).await,
         Err(e) => Err(e),
     };
     let store_error = view.as_ref().err().map(|e| e.to_string());
@@ -253,71 +208,99 @@ pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
         .and_then(|s| s.as_ref().ok())
         .is_some_and(|v| v.stop.is_some());
 
-    let workers = jobs.get_opt(&jobs::workers_name(exp)).await?;
-    obs.workers = JobState::of(workers.as_ref());
-    let mut requeue = ctx.refresh;
-    if !stopped {
-        if obs.workers.failed && !obs.workers.finished_by_stop() {
-            // The Job gave up after too many failed pods; the experiment has not: start a
-            // new Job once this one is gone, continuing from the store.
-            jobs.delete(
-                &jobs::workers_name(exp),
-                &DeleteParams {
-                    propagation_policy: Some(PropagationPolicy::Background),
-                    ..DeleteParams::default()
-                },
-            )
-            .await?;
-            publish(
-                exp,
-                ctx,
-                EventType::Warning,
-                "WorkersRestarted",
-                format!(
-                    "the workers Job failed after {} failed pods; starting a new one",
-                    obs.workers.failed_pods
-                ),
-            )
-            .await?;
-            requeue = Duration::from_secs(5);
-        } else {
-            apply_job(exp, ctx, &jobs::workers(exp, &ctx.jobs)).await?;
-            if !obs.workers.exists {
-                publish(
-                    exp,
-                    ctx,
-                    EventType::Normal,
-                    "WorkersCreated",
-                    format!("{} workers started", exp.spec.workers()),
-                )
-                .await?;
-            }
-        }
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    obs.workers = JobState::of(jobs.get_opt(&jobs::workers_name(exp)).await?.as_ref());
+    let requeue = if !stopped {
+        ensure_workers(exp, ctx, &jobs, &obs.workers).await?
     } else if obs.workers.active == 0 {
-        let evaluation = jobs.get_opt(&jobs::evaluation_name(exp)).await?;
-        obs.evaluation = JobState::of(evaluation.as_ref());
-        if !obs.evaluation.exists {
-            apply_job(exp, ctx, &jobs::evaluation(exp, &ctx.jobs)).await?;
-            publish(
-                exp,
-                ctx,
-                EventType::Normal,
-                "EvaluationStarted",
-                "measuring the best individual by validation on the test set".into(),
-            )
-            .await?;
-        }
-        requeue = Duration::from_secs(10);
-    }
+        obs.evaluation = ensure_evaluation(exp, ctx, &jobs).await?;
+        Duration::from_secs(10)
+    } else {
+        ctx.refresh
+    };
 
-    let status = status::compute(&exp.spec, &previous, &obs, &now());
+    let status = status::compute(&experiment.spec, &previous, &obs, &now());
     announce(exp, ctx, &previous, &status, store_error.as_deref()).await?;
     write_status(exp, ctx, &status).await?;
-    ctx.metrics.experiment(&namespace, &name, &status);
+    ctx.metrics
+        .experiment(&namespace, &experiment.name, &status);
     Ok(match status.phase {
         Some(Phase::Succeeded | Phase::Failed) => Action::await_change(),
         _ => Action::requeue(requeue),
     })
+}
+
+/// An invalid spec: say why once, report it, and run nothing until the spec changes (which
+/// triggers a reconcile by itself).
+async fn refuse(
+    exp: &EvolutionExperiment,
+    ctx: &Context,
+    previous: &EvolutionExperimentStatus,
+    mut obs: Observation,
+    error: SpecError,
+) -> Result<Action> {
+    let message = error.to_string();
+    obs.spec_error = Some(error);
+    let status = status::compute(&exp.spec, previous, &obs, &now());
+    let said = already_said(
+        previous,
+        ConditionType::Valid,
+        ConditionReason::InvalidSpec,
+        &message,
+    );
+    if !said {
+        publish(exp, ctx, Reason::InvalidSpec, message).await?;
+    }
+    write_status(exp, ctx, &status).await?;
+    Ok(Action::await_change())
+}
+
+/// The workers Job as the spec says (parallelism, suspension), created if missing; a Job that
+/// gave up after too many failed pods is deleted so that the next reconcile starts a new one,
+/// continuing from the store. Returns when to reconcile next.
+async fn ensure_workers(
+    exp: &EvolutionExperiment,
+    ctx: &Context,
+    jobs: &Api<Job>,
+    workers: &JobState,
+) -> Result<Duration> {
+    if workers.failed && !workers.succeeded {
+        jobs.delete(
+            &jobs::workers_name(exp),
+            &DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            },
+        )
+        .await?;
+        let note = format!(
+            "the workers Job failed after {} failed pods; starting a new one",
+            workers.failed_pods
+        );
+        publish(exp, ctx, Reason::WorkersRestarted, note).await?;
+        return Ok(Duration::from_secs(5));
+    }
+    apply_job(jobs, &jobs::workers(exp, &ctx.jobs)).await?;
+    if !workers.exists {
+        let note = format!("{} workers started", exp.spec.workers());
+        publish(exp, ctx, Reason::WorkersCreated, note).await?;
+    }
+    Ok(ctx.refresh)
+}
+
+/// The final evaluation Job, created once the workers are gone; returns its state as found.
+async fn ensure_evaluation(
+    exp: &EvolutionExperiment,
+    ctx: &Context,
+    jobs: &Api<Job>,
+) -> Result<JobState> {
+    let evaluation = JobState::of(jobs.get_opt(&jobs::evaluation_name(exp)).await?.as_ref());
+    if !evaluation.exists {
+        apply_job(jobs, &jobs::evaluation(exp, &ctx.jobs)).await?;
+        let note = "measuring the best individual by validation on the test set".into();
+        publish(exp, ctx, Reason::EvaluationStarted, note).await?;
+    }
+    Ok(evaluation)
 }
 
 /// Events for what changed since the last status: a new best individual, the stop, worker
@@ -331,49 +314,33 @@ async fn announce(
 ) -> Result<()> {
     if let Some(best) = &status.best {
         if previous.best.as_ref().map(|b| &b.id) != Some(&best.id) {
-            publish(exp,
-                ctx,
-                EventType::Normal,
-                "NewBest",
-                format!(
-                    "individual {} reached validation accuracy {:.4} ({} convolutions, {} parameters)",
-                    best.id, best.validation_accuracy, best.convolutions, best.parameters
-                ),
-            )
-            .await?;
+            let note = format!(
+                "individual {} reached validation accuracy {:.4} ({} convolutions, {} parameters)",
+                best.id, best.validation_accuracy, best.convolutions, best.parameters
+            );
+            publish(exp, ctx, Reason::NewBest, note).await?;
         }
     }
     if let (None, Some(reason)) = (&previous.stop_reason, &status.stop_reason) {
-        publish(exp, ctx, EventType::Normal, "Stopping", reason.clone()).await?;
+        publish(exp, ctx, Reason::Stopping, reason.clone()).await?;
     }
     if status.failed_workers.unwrap_or(0) > previous.failed_workers.unwrap_or(0) {
-        publish(
-            exp,
-            ctx,
-            EventType::Warning,
-            "WorkerFailed",
-            format!(
-                "{} worker pods have failed so far; see the pods of Job {}",
-                status.failed_workers.unwrap_or(0),
-                jobs::workers_name(exp)
-            ),
-        )
-        .await?;
+        let note = format!(
+            "{} worker pods have failed so far; see the pods of Job {}",
+            status.failed_workers.unwrap_or(0),
+            jobs::workers_name(exp)
+        );
+        publish(exp, ctx, Reason::WorkerFailed, note).await?;
     }
     if let Some(error) = store_error {
-        let was = previous
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.reason == "StoreUnavailable" && c.message == error);
-        if !was {
-            publish(
-                exp,
-                ctx,
-                EventType::Warning,
-                "StoreUnavailable",
-                error.to_string(),
-            )
-            .await?;
+        let said = already_said(
+            previous,
+            ConditionType::Degraded,
+            ConditionReason::StoreUnavailable,
+            error,
+        );
+        if !said {
+            publish(exp, ctx, Reason::StoreUnavailable, error.to_string()).await?;
         }
     }
     if status.phase != previous.phase {
@@ -384,24 +351,13 @@ async fn announce(
                     .as_ref()
                     .and_then(|b| b.test_accuracy)
                     .unwrap_or_default();
-                publish(
-                    exp,
-                    ctx,
-                    EventType::Normal,
-                    "Succeeded",
-                    format!("the best individual by validation scored {test:.4} on the test set"),
-                )
-                .await?;
+                let note =
+                    format!("the best individual by validation scored {test:.4} on the test set");
+                publish(exp, ctx, Reason::Succeeded, note).await?;
             }
             Some(Phase::Failed) => {
-                publish(
-                    exp,
-                    ctx,
-                    EventType::Warning,
-                    "EvaluationFailed",
-                    format!("Job {} failed; see its pod", jobs::evaluation_name(exp)),
-                )
-                .await?;
+                let note = format!("Job {} failed; see its pod", jobs::evaluation_name(exp));
+                publish(exp, ctx, Reason::EvaluationFailed, note).await?;
             }
             _ => {}
         }
@@ -411,7 +367,7 @@ async fn announce(
 
 /// The experiment is being deleted: stop the workers and honour the retention policy.
 pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
-    let namespace = namespace_or_err(exp)?;
+    let namespace = namespace_of(exp)?;
     let name = exp.name_any();
     let population = population(exp, ctx, &namespace).await;
     if let Ok(population) = &population {
@@ -421,14 +377,8 @@ pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action>
     }
     match exp.spec.store.retention {
         Retention::Retain => {
-            publish(
-                exp,
-                ctx,
-                EventType::Normal,
-                "Retained",
-                format!("the population stays in {}", exp.spec.store.url),
-            )
-            .await?;
+            let note = format!("the population stays in {}", exp.spec.store.url);
+            publish(exp, ctx, Reason::Retained, note).await?;
         }
         Retention::Delete => {
             // Workers must be gone before their store is emptied, or they would write into it.
@@ -441,25 +391,12 @@ pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action>
                 }
             }
             let deleted = population?.delete_everything().await?;
-            publish(
-                exp,
-                ctx,
-                EventType::Normal,
-                "Deleted",
-                format!("{deleted} objects deleted from {}", exp.spec.store.url),
-            )
-            .await?;
+            let note = format!("{deleted} objects deleted from {}", exp.spec.store.url);
+            publish(exp, ctx, Reason::Deleted, note).await?;
         }
     }
     ctx.metrics.forget(&namespace, &name);
     Ok(Action::await_change())
-}
-
-impl JobState {
-    /// A Job whose pods all exited because the experiment stopped counts as done, not failed.
-    fn finished_by_stop(&self) -> bool {
-        self.succeeded
-    }
 }
 
 /// Runs the controller until a shutdown signal.

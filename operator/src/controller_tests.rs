@@ -5,14 +5,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crds::{EvolutionExperiment, EvolutionExperimentStatus, Phase, Retention};
 use kube::Resource;
+use population::fixtures;
+use population::individual::{now_ms, Individual};
+use population::store::{FileStore, Population, ProgressEntry, TestResult};
 use serde_json::{json, Value};
-use trainer::dna::Dna;
-use trainer::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
-use trainer::store::{FileStore, Population, ProgressEntry, TestResult};
 
 use super::reconcile;
+use crate::events::Reason;
 use crate::fixtures::*;
 use crate::jobs;
+use crate::status::{condition_of, ConditionReason, ConditionType};
 
 struct World {
     _dir: tempfile::TempDir,
@@ -34,40 +36,15 @@ async fn world(name: &str) -> World {
     }
 }
 
+/// An individual with `fitness` and, as its record says, `convolutions` convolutions.
 fn individual(fitness: f64, convolutions: usize) -> Individual {
-    Individual {
-        format_version: FORMAT_VERSION,
-        id: IndividualId::new(),
-        dna: Dna::initial(),
-        lineage: Lineage {
-            parent: None,
-            slot: None,
-            mutations: vec![],
-            seed: 0,
-            worker: "w".into(),
-            inherited_tensors: 0,
-            fresh_tensors: 0,
-        },
-        outcome: Outcome {
-            validation_accuracy: fitness,
-            validation_correct: 0,
-            validation_total: 100,
-            steps: 1,
-            diverged: false,
-            first_loss: None,
-            last_loss: None,
-            flops: 1e9,
-            parameters: 30730,
-            convolutions,
-            training_seconds: 1.0,
-            evaluation_seconds: 0.0,
-            overhead_seconds: 0.0,
-            tf32: false,
-            device: "cpu".into(),
-        },
-        started_at_ms: now_ms(),
-        born_at_ms: now_ms(),
-    }
+    let mut individual = fixtures::individual(fitness);
+    individual.outcome.convolutions = convolutions;
+    individual
+}
+
+fn said(reasons: &[Reason]) -> Vec<String> {
+    reasons.iter().map(|r| r.as_str().to_string()).collect()
 }
 
 /// The status the reconciler patched, from the requests the mock saw.
@@ -84,6 +61,11 @@ fn patched_status(seen: &[Seen]) -> EvolutionExperimentStatus {
     serde_json::from_value(patch.body["status"].clone()).expect("status")
 }
 
+fn valid(spec: &crds::EvolutionExperimentSpec) -> crds::ValidatedSpec {
+    crds::validate(spec).expect("a valid spec")
+}
+
+/// The reasons of the events the reconciler published, in order.
 fn events(seen: &[Seen]) -> Vec<String> {
     seen.iter()
         .filter(|s| s.method == "POST" && s.path == events_path())
@@ -158,7 +140,7 @@ async fn creation_starts_the_workers_job_and_reports_pending() {
     assert_eq!(job["spec"]["parallelism"], 4);
     assert_eq!(job["spec"]["suspend"], false);
     assert_eq!(job["metadata"]["ownerReferences"][0]["name"], "create");
-    assert_eq!(events(&seen), vec!["WorkersCreated"]);
+    assert_eq!(events(&seen), said(&[Reason::WorkersCreated]));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Pending));
     assert_eq!(status.workers, Some(4));
@@ -171,7 +153,7 @@ async fn creation_starts_the_workers_job_and_reports_pending() {
 async fn status_comes_from_the_store() {
     let w = world("running").await;
     w.population
-        .start_experiment("running", &w.exp.spec)
+        .start_experiment("running", &valid(&w.exp.spec))
         .await
         .unwrap();
     let best = individual(0.61, 3);
@@ -211,7 +193,7 @@ async fn status_comes_from_the_store() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["NewBest"]);
+    assert_eq!(events(&seen), said(&[Reason::NewBest]));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Running));
     assert_eq!((status.population, status.trained), (Some(2), Some(17)));
@@ -241,21 +223,17 @@ async fn an_invalid_spec_is_reported_and_runs_nothing() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["InvalidSpec"]);
+    assert_eq!(events(&seen), said(&[Reason::InvalidSpec]));
     assert!(seen[0].body["note"]
         .as_str()
         .unwrap()
         .contains("spec.workers"));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Invalid));
-    let valid = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Valid")
-        .unwrap();
+    let valid = condition_of(&status, ConditionType::Valid).unwrap();
     assert_eq!(
         (valid.status.as_str(), valid.reason.as_str()),
-        ("False", "InvalidSpec")
+        ("False", ConditionReason::InvalidSpec.as_str())
     );
 
     // Reconciling it again says nothing new: no second event.
@@ -325,7 +303,7 @@ async fn stop_then_evaluation_then_succeeded() {
     let mut exp = w.exp.clone();
     exp.spec.stop.individuals_trained = Some(10);
     w.population
-        .start_experiment("finish", &exp.spec)
+        .start_experiment("finish", &valid(&exp.spec))
         .await
         .unwrap();
     let best = individual(0.7, 2);
@@ -358,7 +336,7 @@ async fn stop_then_evaluation_then_succeeded() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["NewBest", "Stopping"]);
+    assert_eq!(events(&seen), said(&[Reason::NewBest, Reason::Stopping]));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Stopping));
     assert_eq!(
@@ -388,7 +366,7 @@ async fn stop_then_evaluation_then_succeeded() {
         seen[2].body["spec"]["template"]["spec"]["containers"][0]["args"][0],
         "evaluate"
     );
-    assert_eq!(events(&seen), vec!["EvaluationStarted"]);
+    assert_eq!(events(&seen), said(&[Reason::EvaluationStarted]));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Evaluating));
 
@@ -422,7 +400,7 @@ async fn stop_then_evaluation_then_succeeded() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["Succeeded"]);
+    assert_eq!(events(&seen), said(&[Reason::Succeeded]));
     let status = patched_status(&seen);
     assert_eq!(status.phase, Some(Phase::Succeeded));
     assert_eq!(status.best.unwrap().test_accuracy, Some(0.69));
@@ -433,7 +411,7 @@ async fn stop_then_evaluation_then_succeeded() {
 async fn a_second_reconcile_of_the_same_world_changes_nothing() {
     let w = world("again").await;
     w.population
-        .start_experiment("again", &w.exp.spec)
+        .start_experiment("again", &valid(&w.exp.spec))
         .await
         .unwrap();
     w.population
@@ -487,7 +465,7 @@ fn deleting(mut exp: EvolutionExperiment, retention: Retention) -> EvolutionExpe
 async fn deletion_with_retain_keeps_the_population() {
     let w = world("keep").await;
     w.population
-        .start_experiment("keep", &w.exp.spec)
+        .start_experiment("keep", &valid(&w.exp.spec))
         .await
         .unwrap();
     w.population
@@ -507,7 +485,7 @@ async fn deletion_with_retain_keeps_the_population() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["Retained"]);
+    assert_eq!(events(&seen), said(&[Reason::Retained]));
     assert!(
         seen[1].body.to_string().contains("finalizers"),
         "finalizer removed"
@@ -523,7 +501,7 @@ async fn deletion_with_retain_keeps_the_population() {
 async fn deletion_with_delete_stops_workers_and_empties_the_store() {
     let w = world("wipe").await;
     w.population
-        .start_experiment("wipe", &w.exp.spec)
+        .start_experiment("wipe", &valid(&w.exp.spec))
         .await
         .unwrap();
     w.population
@@ -551,7 +529,7 @@ async fn deletion_with_delete_stops_workers_and_empties_the_store() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["Deleted"]);
+    assert_eq!(events(&seen), said(&[Reason::Deleted]));
     assert_eq!(seen[0].body["propagationPolicy"], "Foreground");
     let store = w.population.store();
     for prefix in ["alive/", "individuals/", "control/", "slots/"] {
@@ -590,17 +568,13 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["WorkerFailed"]);
+    assert_eq!(events(&seen), said(&[Reason::WorkerFailed]));
     let status = patched_status(&seen);
     assert_eq!(status.failed_workers, Some(2));
-    let degraded = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Degraded")
-        .unwrap();
+    let degraded = condition_of(&status, ConditionType::Degraded).unwrap();
     assert_eq!(
         (degraded.status.as_str(), degraded.reason.as_str()),
-        ("True", "WorkerFailures")
+        ("True", ConditionReason::WorkerFailures.as_str())
     );
     assert_eq!(status.phase, Some(Phase::Running));
 
@@ -629,7 +603,10 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
         ],
     )
     .await;
-    assert_eq!(events(&seen), vec!["WorkersRestarted", "WorkerFailed"]);
+    assert_eq!(
+        events(&seen),
+        said(&[Reason::WorkersRestarted, Reason::WorkerFailed])
+    );
     let status = patched_status(&seen);
     assert_ne!(status.phase, Some(Phase::Failed));
     assert_eq!(status.failed_workers, Some(100));

@@ -312,10 +312,6 @@ impl JobState {
             failed_pods: status.failed.unwrap_or(0),
         }
     }
-
-    pub fn finished(&self) -> bool {
-        self.succeeded || self.failed
-    }
 }
 
 #[cfg(test)]

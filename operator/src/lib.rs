@@ -4,9 +4,11 @@
 //!
 //! The data path: manifest → validated spec → trainer Job (workers) → store → summary →
 //! status. `controller` holds the reconciler; `jobs` the Jobs it creates; `status` how it
-//! turns what it observes into status; `metrics` and `server` what it exposes.
+//! turns what it observes into status; `events` what it tells people; `metrics` and `server`
+//! what it exposes.
 
 pub mod controller;
+pub mod events;
 pub mod jobs;
 pub mod metrics;
 pub mod server;
@@ -27,7 +29,7 @@ pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("store: {0}")]
-    Store(#[from] trainer::store::StoreError),
+    Store(#[from] population::store::StoreError),
     #[error("credentials Secret {name}: {reason}")]
     Secret { name: String, reason: String },
     #[error("finalizer: {0}")]

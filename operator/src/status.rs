@@ -2,13 +2,104 @@
 //! A pure function: level-triggered, so the same world always gives the same status, and
 //! re-reconciling changes nothing.
 
+use std::fmt;
+
 use crds::{BestIndividual, EvolutionExperimentSpec, EvolutionExperimentStatus, Phase, SpecError};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use trainer::individual::Individual;
-use trainer::store::{StopMarker, Summary, TestResult};
+use population::individual::Individual;
+use population::store::{StopMarker, Summary, TestResult};
 
 use crate::jobs::JobState;
+
+/// The conditions every status carries (`Valid` alone while the spec is invalid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionType {
+    Valid,
+    Progressing,
+    Degraded,
+    Complete,
+}
+
+/// Why a condition has the status it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionReason {
+    ValidSpec,
+    InvalidSpec,
+    WorkersRunning,
+    WorkersStarting,
+    Suspended,
+    Stopping,
+    Completed,
+    EvaluationFailed,
+    StoreUnavailable,
+    WorkerFailures,
+    Healthy,
+    Evaluated,
+    NotComplete,
+}
+
+impl ConditionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Valid => "Valid",
+            ConditionType::Progressing => "Progressing",
+            ConditionType::Degraded => "Degraded",
+            ConditionType::Complete => "Complete",
+        }
+    }
+}
+
+impl ConditionReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionReason::ValidSpec => "ValidSpec",
+            ConditionReason::InvalidSpec => "InvalidSpec",
+            ConditionReason::WorkersRunning => "WorkersRunning",
+            ConditionReason::WorkersStarting => "WorkersStarting",
+            ConditionReason::Suspended => "Suspended",
+            ConditionReason::Stopping => "Stopping",
+            ConditionReason::Completed => "Completed",
+            ConditionReason::EvaluationFailed => "EvaluationFailed",
+            ConditionReason::StoreUnavailable => "StoreUnavailable",
+            ConditionReason::WorkerFailures => "WorkerFailures",
+            ConditionReason::Healthy => "Healthy",
+            ConditionReason::Evaluated => "Evaluated",
+            ConditionReason::NotComplete => "NotComplete",
+        }
+    }
+}
+
+impl fmt::Display for ConditionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for ConditionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The condition of type `type_` in `status`, if it has one.
+pub fn condition_of(
+    status: &EvolutionExperimentStatus,
+    type_: ConditionType,
+) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_.as_str())
+}
+
+/// Whether `status` holds condition `type_` with this reason and message: what was already
+/// said need not be said again.
+pub fn already_said(
+    status: &EvolutionExperimentStatus,
+    type_: ConditionType,
+    reason: ConditionReason,
+    message: &str,
+) -> bool {
+    condition_of(status, type_).is_some_and(|c| c.reason == reason.as_str() && c.message == message)
+}
 
 /// What the store says about the experiment.
 #[derive(Clone, Debug, Default)]
@@ -42,23 +133,21 @@ fn condition(
     previous: &EvolutionExperimentStatus,
     generation: Option<i64>,
     now: &Time,
-    type_: &str,
+    type_: ConditionType,
     status: bool,
-    reason: &str,
+    reason: ConditionReason,
     message: String,
 ) -> Condition {
     let status = if status { "True" } else { "False" }.to_string();
     // The transition time moves only when the status does.
-    let last_transition_time = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
+    let last_transition_time = condition_of(previous, type_)
+        .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| now.clone());
     Condition {
-        type_: type_.into(),
+        type_: type_.as_str().into(),
         status,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message,
         last_transition_time,
         observed_generation: generation,
@@ -100,7 +189,9 @@ pub fn compute(
     now: &Time,
 ) -> EvolutionExperimentStatus {
     let phase = phase(spec, obs);
-    let cond = |type_: &str, status: bool, reason: &str, message: String| {
+    use ConditionReason as R;
+    use ConditionType as T;
+    let cond = |type_: T, status: bool, reason: R, message: String| {
         condition(
             previous,
             obs.generation,
@@ -113,7 +204,7 @@ pub fn compute(
     };
     let mut conditions = Vec::new();
     if let Some(e) = &obs.spec_error {
-        conditions.push(cond("Valid", false, "InvalidSpec", e.to_string()));
+        conditions.push(cond(T::Valid, false, R::InvalidSpec, e.to_string()));
         return EvolutionExperimentStatus {
             phase: Some(phase),
             observed_generation: obs.generation,
@@ -121,56 +212,61 @@ pub fn compute(
             ..previous.clone()
         };
     }
-    conditions.push(cond("Valid", true, "ValidSpec", "the spec is valid".into()));
+    conditions.push(cond(
+        T::Valid,
+        true,
+        R::ValidSpec,
+        "the spec is valid".into(),
+    ));
     let (progressing, reason, message) = match phase {
         Phase::Running => (
             true,
-            "WorkersRunning",
+            R::WorkersRunning,
             format!("{} workers running", obs.workers.active),
         ),
-        Phase::Pending => (true, "WorkersStarting", "waiting for worker pods".into()),
-        Phase::Suspended => (false, "Suspended", "spec.suspend is set".into()),
+        Phase::Pending => (true, R::WorkersStarting, "waiting for worker pods".into()),
+        Phase::Suspended => (false, R::Suspended, "spec.suspend is set".into()),
         Phase::Stopping | Phase::Evaluating => (
             true,
-            "Stopping",
+            R::Stopping,
             "workers finish, then the best individual is evaluated".into(),
         ),
-        Phase::Succeeded => (false, "Completed", "the experiment is complete".into()),
+        Phase::Succeeded => (false, R::Completed, "the experiment is complete".into()),
         Phase::Failed => (
             false,
-            "EvaluationFailed",
+            R::EvaluationFailed,
             "the evaluation Job failed".into(),
         ),
-        Phase::Invalid => (false, "InvalidSpec", String::new()),
+        Phase::Invalid => (false, R::InvalidSpec, String::new()),
     };
-    conditions.push(cond("Progressing", progressing, reason, message));
+    conditions.push(cond(T::Progressing, progressing, reason, message));
     let store_error = obs.store.as_ref().and_then(|s| s.as_ref().err());
     let degraded = match store_error {
-        Some(e) => cond("Degraded", true, "StoreUnavailable", e.clone()),
+        Some(e) => cond(T::Degraded, true, R::StoreUnavailable, e.clone()),
         None if obs.workers.failed_pods > 0 && !phase_done(phase) => cond(
-            "Degraded",
+            T::Degraded,
             true,
-            "WorkerFailures",
+            R::WorkerFailures,
             format!(
                 "{} worker pods failed; the Job replaces them",
                 obs.workers.failed_pods
             ),
         ),
         None => cond(
-            "Degraded",
+            T::Degraded,
             false,
-            "Healthy",
+            R::Healthy,
             "workers and store are healthy".into(),
         ),
     };
     conditions.push(degraded);
     conditions.push(cond(
-        "Complete",
+        T::Complete,
         phase == Phase::Succeeded,
         if phase == Phase::Succeeded {
-            "Evaluated"
+            R::Evaluated
         } else {
-            "NotComplete"
+            R::NotComplete
         },
         if phase == Phase::Succeeded {
             "the best individual was measured on the test set".into()
@@ -287,7 +383,7 @@ mod tests {
         assert_eq!(phase(&exp.spec, &obs), Phase::Evaluating);
         obs.evaluation.succeeded = true;
         view.test = Some(TestResult {
-            id: trainer::individual::IndividualId::parse("a").unwrap(),
+            id: population::individual::IndividualId::parse("a").unwrap(),
             test_accuracy: 0.5,
             correct: 1,
             total: 2,
@@ -314,14 +410,10 @@ mod tests {
         };
         let status = compute(&exp.spec, &previous, &obs, &now());
         assert_eq!(status.trained, Some(42));
-        let degraded = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .unwrap();
+        let degraded = condition_of(&status, ConditionType::Degraded).unwrap();
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
-            ("True", "StoreUnavailable")
+            ("True", ConditionReason::StoreUnavailable.as_str())
         );
     }
 }

@@ -157,7 +157,8 @@ fn chart_lints_renders_and_validates() {
 #[test]
 fn jobs_the_operator_creates_validate() {
     let dir = tempfile::tempdir().unwrap();
-    let mut exp = crds::manifest::load(&repo().join("examples/cifar10.yaml")).unwrap();
+    let experiment = crds::manifest::load(&repo().join("examples/cifar10.yaml")).unwrap();
+    let mut exp = crds::EvolutionExperiment::new(&experiment.name, experiment.spec.into_inner());
     exp.metadata.namespace = Some("research".into());
     exp.metadata.uid = Some("0d1c6f0e-7a0e-4b8e-9c59-2f1f8d1a9a10".into());
     let settings = operator::jobs::JobSettings::default();

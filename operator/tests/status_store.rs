@@ -3,24 +3,25 @@
 
 use std::sync::Arc;
 
-use cambrian_tests::population::fill;
 use cambrian_tests::s3_store;
 use cambrian_tests::s3s::S3Server;
-use trainer::store::{CountingStore, FileStore, ObjectStore, Population};
+use population::fixtures::{self, fill};
+use population::store::{CountingStore, FileStore, ObjectStore, Population};
 
-fn experiment(url: &str) -> crds::EvolutionExperiment {
-    let mut exp = crds::EvolutionExperiment::new(
-        "big",
-        serde_json::from_value(serde_json::json!({ "store": { "url": url } })).unwrap(),
-    );
-    exp.metadata.namespace = Some("ns".into());
-    exp
+fn experiment(url: &str) -> crds::Experiment {
+    crds::Experiment {
+        name: "big".into(),
+        spec: fixtures::spec(serde_json::json!({ "store": { "url": url } })),
+    }
 }
 
 async fn check<S: ObjectStore + 'static>(store: Arc<CountingStore<S>>, url: &str) {
     let population = Population::new(store.clone());
     let exp = experiment(url);
-    population.start_experiment("big", &exp.spec).await.unwrap();
+    population
+        .start_experiment(&exp.name, &exp.spec)
+        .await
+        .unwrap();
     fill(&population, 1000, 250).await;
     let before = store.counts();
     let view = operator::controller::observe_store(&exp, &population)

@@ -15,21 +15,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cambrian_tests::s3_store;
 use cambrian_tests::s3s::S3Server;
-use trainer::dna::Dna;
-use trainer::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
-use trainer::store::{CountingStore, FileStore, ObjectStore, Population};
-use trainer::worker::{
-    self, ChildJob, ChildTrainer, StopFlag, TrainedChild, WorkerError, WorkerSettings,
-};
+use population::fixtures;
+use population::stop::StopFlag;
+use population::store::{CountingStore, FileStore, ObjectStore, Population};
+use trainer::child::{ChildError, ChildJob, ChildTrainer, TrainedChild};
+use trainer::worker::{self, WorkerSettings};
 
 const POPULATION: u32 = 1000;
 
 struct Instant_;
 
 impl ChildTrainer for Instant_ {
-    fn train_child(&self, job: ChildJob, _stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
+    fn train_child(&self, job: ChildJob, _stop: &StopFlag) -> Result<TrainedChild, ChildError> {
         Ok(TrainedChild {
-            outcome: outcome(rand::random::<f64>() * 0.9, &job.dna),
+            outcome: fixtures::outcome(rand::random::<f64>() * 0.9, &job.dna),
             weights: tiny_weights(),
             inherited_tensors: 0,
             fresh_tensors: 0,
@@ -48,26 +47,6 @@ fn tiny_weights() -> Bytes {
     Bytes::from(weights.to_safetensors().unwrap())
 }
 
-fn outcome(fitness: f64, dna: &Dna) -> Outcome {
-    Outcome {
-        validation_accuracy: fitness,
-        validation_correct: 0,
-        validation_total: 5000,
-        steps: 0,
-        diverged: false,
-        first_loss: None,
-        last_loss: None,
-        flops: 0.0,
-        parameters: 0,
-        convolutions: dna.convolution_count(),
-        training_seconds: 0.0,
-        evaluation_seconds: 0.0,
-        overhead_seconds: 0.0,
-        tf32: false,
-        device: "cpu".into(),
-    }
-}
-
 async fn fill(population: &Population) {
     let mut tasks = Vec::new();
     for chunk in 0..20u32 {
@@ -75,24 +54,8 @@ async fn fill(population: &Population) {
         tasks.push(tokio::spawn(async move {
             for slot in (chunk * POPULATION / 20)..((chunk + 1) * POPULATION / 20) {
                 population.claim_slot(slot, "setup").await.unwrap();
-                let dna = Dna::initial();
-                let individual = Individual {
-                    format_version: FORMAT_VERSION,
-                    id: IndividualId::new(),
-                    outcome: outcome(rand::random::<f64>() * 0.5, &dna),
-                    dna,
-                    lineage: Lineage {
-                        parent: None,
-                        slot: Some(slot),
-                        mutations: vec![],
-                        seed: 0,
-                        worker: "setup".into(),
-                        inherited_tensors: 0,
-                        fresh_tensors: 0,
-                    },
-                    started_at_ms: now_ms(),
-                    born_at_ms: now_ms(),
-                };
+                let mut individual = fixtures::individual(rand::random::<f64>() * 0.5);
+                individual.lineage.slot = Some(slot);
                 population.add(&individual, tiny_weights()).await.unwrap();
             }
         }));
@@ -109,11 +72,10 @@ async fn measure<S: ObjectStore + 'static>(
     seconds: u64,
 ) {
     let population = Population::new(store.clone());
-    let spec: crds::EvolutionExperimentSpec = serde_json::from_value(serde_json::json!({
+    let spec = fixtures::spec(serde_json::json!({
         "population": POPULATION,
         "store": { "url": "file:///bench" },
-    }))
-    .unwrap();
+    }));
     let record = population
         .start_experiment("coordination", &spec)
         .await
@@ -142,25 +104,22 @@ async fn measure<S: ObjectStore + 'static>(
     let before = store.counts();
     let stop = Arc::new(StopFlag::default());
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..workers {
-        let (population, record, stop) = (population.clone(), record.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let settings = WorkerSettings::new(format!("bench-{i}"), u64::from(i));
-            worker::run(settings, &population, &record, Arc::new(Instant_), stop)
-                .await
-                .unwrap()
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.stop("benchmark over");
-    let mut births = 0;
-    let mut conflicts = 0;
-    for t in tasks {
-        let report = t.await.unwrap();
-        births += report.trained;
-        conflicts += report.conflicts;
-    }
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            stop.stop("benchmark over");
+        })
+    };
+    let loops = (0..workers)
+        .map(|i| WorkerSettings::new(format!("bench-{i}"), u64::from(i)))
+        .collect();
+    let reports = worker::run_loops(loops, &population, &record, Arc::new(Instant_), &stop)
+        .await
+        .unwrap();
+    timer.await.unwrap();
+    let births: u64 = reports.iter().map(|r| r.trained).sum();
+    let conflicts: u64 = reports.iter().map(|r| r.conflicts).sum();
     let elapsed = started.elapsed().as_secs_f64();
     let counts = store.counts().minus(&before);
     let per = |n: u64| n as f64 / births.max(1) as f64;

@@ -9,12 +9,11 @@
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
 
 pub mod moto;
-pub mod population;
 pub mod s3s;
 
 use std::sync::Arc;
 
-use trainer::store::{ObjectStore, S3Settings, S3Store};
+use population::store::{ObjectStore, S3Settings, S3Store};
 
 pub const ACCESS_KEY: &str = "cambrian-test";
 pub const SECRET_KEY: &str = "cambrian-test-secret";

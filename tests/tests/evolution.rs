@@ -10,42 +10,42 @@ use bytes::Bytes;
 use cambrian_tests::s3s::S3Server;
 use cambrian_tests::{as_dyn, s3_store};
 use candle_core::Device;
-use trainer::data::{fixture, DatasetKind, Split};
-use trainer::model::{Model, ModelSpec};
-use trainer::store::{ExperimentRecord, FileStore, ObjectStore, Population};
-use trainer::train::TrainConfig;
+use crds::Dataset;
+use population::dna::ModelSpec;
+use population::fixtures;
+use population::stop::{watch_for_stop, StopFlag};
+use population::store::{ExperimentRecord, FileStore, ObjectStore, Population};
+use trainer::child::{CandleTrainer, ChildJob, ChildTrainer};
+use trainer::data::{fixture, Split};
+use trainer::model::Model;
 use trainer::weights::Weights;
-use trainer::worker::{self, CandleTrainer, ChildTrainer, StopFlag, WorkerReport, WorkerSettings};
+use trainer::worker::{self, WorkerReport, WorkerSettings};
 
 fn tiny_split() -> Arc<Split> {
     let dir = tempfile::tempdir().unwrap();
-    fixture::write(dir.path(), DatasetKind::Cifar10, 24, 3).unwrap();
-    Arc::new(Split::load(dir.path(), DatasetKind::Cifar10, 0, None).unwrap())
+    fixture::write(dir.path(), Dataset::Cifar10, 24, 3).unwrap();
+    Arc::new(Split::load(dir.path(), Dataset::Cifar10, 0, None).unwrap())
 }
 
-fn spec(url: &str, population: u32, trained: u64) -> crds::EvolutionExperimentSpec {
-    serde_json::from_value(serde_json::json!({
+fn spec(url: &str, population: u32, trained: u64) -> crds::ValidatedSpec {
+    fixtures::spec(serde_json::json!({
         "population": population,
-        "workers": 16,
+        "workers": population,
         "training": { "steps": 3, "batchSize": 8, "momentum": 0.9, "weightDecay": 0.0001, "initialLearningRate": 0.05 },
         "store": { "url": url },
         "stop": { "individualsTrained": trained },
     }))
-    .unwrap()
 }
 
-fn trainer(split: Arc<Split>, spec: &crds::EvolutionExperimentSpec) -> Arc<dyn ChildTrainer> {
-    Arc::new(CandleTrainer {
-        data: split,
-        config: TrainConfig {
-            steps: spec.training.steps,
-            batch_size: spec.training.batch_size as usize,
-            ..TrainConfig::paper(spec.training.steps, 0)
-        },
-        device: Device::Cpu,
-        tf32: false,
-        cpu_threads: trainer::threads::cpu_share(spec.workers() as usize),
-    })
+/// A trainer whose trainings share the CPU among up to 16 worker loops, the most any test here
+/// runs at once (more workers than individuals: each competes for few of them).
+fn trainer(split: Arc<Split>, spec: &crds::ValidatedSpec) -> Arc<dyn ChildTrainer> {
+    Arc::new(CandleTrainer::for_spec(
+        &spec.training,
+        split,
+        Device::Cpu,
+        16,
+    ))
 }
 
 /// Runs `workers` worker tasks until the experiment's stop condition, watching the alive
@@ -57,7 +57,7 @@ async fn evolve(
     workers: u32,
 ) -> (Vec<WorkerReport>, usize) {
     let stop = Arc::new(StopFlag::default());
-    let watcher = tokio::spawn(worker::watch_for_stop(
+    let watcher = tokio::spawn(watch_for_stop(
         population.clone(),
         record.clone(),
         stop.clone(),
@@ -75,27 +75,16 @@ async fn evolve(
             }
         })
     };
-    let mut tasks = Vec::new();
-    for i in 0..workers {
-        let settings = WorkerSettings {
+    let loops = (0..workers)
+        .map(|i| WorkerSettings {
             idle_wait: Duration::from_millis(20),
             progress_interval: Duration::from_millis(50),
             ..WorkerSettings::new(format!("w{i}"), u64::from(i))
-        };
-        let (population, record, trainer, stop) = (
-            population.clone(),
-            record.clone(),
-            trainer.clone(),
-            stop.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            worker::run(settings, &population, &record, trainer, stop).await
-        }));
-    }
-    let mut reports = Vec::new();
-    for t in tasks {
-        reports.push(t.await.unwrap().unwrap());
-    }
+        })
+        .collect();
+    let reports = worker::run_loops(loops, population, record, trainer, &stop)
+        .await
+        .unwrap();
     watcher.await.unwrap();
     monitor.await.unwrap();
     (reports, peak.load(Ordering::SeqCst))
@@ -130,7 +119,7 @@ async fn check_books(population: &Population, size: usize, reports: &[WorkerRepo
             &record.dna,
             ModelSpec::cifar(10),
             Some(&weights),
-            &mut trainer::seed::rng(0, trainer::seed::Stream::Initialisation),
+            &mut population::seed::rng(0, population::seed::Stream::Initialisation),
             &Device::Cpu,
         )
         .unwrap();
@@ -186,29 +175,18 @@ async fn corrupt_individual_is_skipped_and_evolution_goes_on() {
     let raise = trainer(split.clone(), &spec);
     for slot in 0..4 {
         assert!(population.claim_slot(slot, "setup").await.unwrap());
-        let job = worker::ChildJob {
+        let job = ChildJob {
             dna: Population::initial_dna(&spec),
             parent_weights: None,
             seed: u64::from(slot),
         };
         let child = raise.train_child(job, &StopFlag::default()).unwrap();
-        let individual = trainer::individual::Individual {
-            format_version: trainer::individual::FORMAT_VERSION,
-            id: trainer::individual::IndividualId::new(),
-            dna: Population::initial_dna(&spec),
-            lineage: trainer::individual::Lineage {
-                parent: None,
-                slot: Some(slot),
-                mutations: vec![],
-                seed: u64::from(slot),
-                worker: "setup".into(),
-                inherited_tensors: 0,
-                fresh_tensors: child.fresh_tensors,
-            },
-            outcome: child.outcome,
-            started_at_ms: 0,
-            born_at_ms: trainer::individual::now_ms(),
-        };
+        let mut individual = fixtures::individual(child.outcome.validation_accuracy);
+        individual.dna = Population::initial_dna(&spec);
+        individual.outcome = child.outcome;
+        individual.lineage.slot = Some(slot);
+        individual.lineage.seed = u64::from(slot);
+        individual.lineage.fresh_tensors = child.fresh_tensors;
         population.add(&individual, child.weights).await.unwrap();
     }
     let alive = population.alive().await.unwrap();

@@ -9,9 +9,10 @@ use bytes::Bytes;
 use cambrian_tests::moto::moto;
 use cambrian_tests::s3s::{Fault, S3Server};
 use cambrian_tests::{as_dyn, s3_store, unique_bucket};
-use trainer::dna::Dna;
-use trainer::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
-use trainer::store::{AliveEntry, FileStore, ObjectStore, Population, ProgressEntry, StoreError};
+use population::fixtures::{self, individual};
+use population::store::{
+    AliveEntry, FileStore, ObjectStore, Population, ProgressEntry, StoreError,
+};
 
 async fn objects(store: &dyn ObjectStore) {
     assert_eq!(store.get("a/missing").await.unwrap(), None);
@@ -95,44 +96,8 @@ async fn long_listing(store: Arc<dyn ObjectStore>) {
     assert_eq!(keys.len(), 1050);
 }
 
-fn individual(fitness: f64) -> Individual {
-    Individual {
-        format_version: FORMAT_VERSION,
-        id: IndividualId::new(),
-        dna: Dna::initial(),
-        lineage: Lineage {
-            parent: None,
-            slot: None,
-            mutations: vec![],
-            seed: 1,
-            worker: "test".into(),
-            inherited_tensors: 0,
-            fresh_tensors: 2,
-        },
-        outcome: Outcome {
-            validation_accuracy: fitness,
-            validation_correct: (fitness * 100.0) as usize,
-            validation_total: 100,
-            steps: 10,
-            diverged: false,
-            first_loss: Some(2.3),
-            last_loss: Some(1.9),
-            flops: 1e9,
-            parameters: 30730,
-            convolutions: 0,
-            training_seconds: 1.0,
-            evaluation_seconds: 0.1,
-            overhead_seconds: 0.01,
-            tf32: false,
-            device: "cpu".into(),
-        },
-        started_at_ms: now_ms(),
-        born_at_ms: now_ms(),
-    }
-}
-
-fn spec(url: &str) -> crds::EvolutionExperimentSpec {
-    serde_json::from_value(serde_json::json!({ "population": 4, "store": { "url": url } })).unwrap()
+fn spec(url: &str) -> crds::ValidatedSpec {
+    fixtures::spec(serde_json::json!({ "population": 4, "store": { "url": url } }))
 }
 
 async fn population(store: Arc<dyn ObjectStore>) {
@@ -148,10 +113,10 @@ async fn population(store: Arc<dyn ObjectStore>) {
         .await
         .unwrap();
     assert_eq!(again.created_at_ms, record.created_at_ms);
-    let mut other = spec(&url);
+    let mut other = spec(&url).into_inner();
     other.population = 5;
     let err = population
-        .start_experiment("other", &other)
+        .start_experiment("other", &crds::validate(&other).unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("different spec"), "{err}");
@@ -323,7 +288,7 @@ async fn transient_faults_are_retried() {
 async fn missing_credentials_are_named() {
     let server = S3Server::start().await;
     let _ = s3_store(&server.endpoint, "creds", "").await;
-    let store = trainer::store::S3Store::connect(trainer::store::S3Settings {
+    let store = population::store::S3Store::connect(population::store::S3Settings {
         bucket: "creds".into(),
         prefix: String::new(),
         endpoint: Some(server.endpoint.clone()),

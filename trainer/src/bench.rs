@@ -11,12 +11,13 @@ use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use crate::dna::{Dna, Shape3};
 use crate::layers::{BatchNormRelu, Conv2d};
-use crate::model::{Model, ModelError, ModelSpec};
+use crate::model::{Model, ModelError};
 use crate::optim::{Sgd, SgdConfig};
-use crate::seed::{rng, Stream};
 use crate::weights::{Parameters, WeightsError};
+use population::dna::ModelSpec;
+use population::dna::{Dna, Shape3};
+use population::seed::{rng, Stream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -1,18 +1,16 @@
-//! The cambrian trainer: everything one evolution worker does, from an individual's DNA to
-//! its trained weights and fitness.
+//! The cambrian trainer: everything one evolution worker does with a DNA that needs a
+//! deep-learning stack, from building its network to its trained weights and fitness, and the
+//! worker loop that drives it. What decides which DNA to train, and the store it is recorded
+//! in, is the `population` crate.
 
 pub mod bench;
-pub mod cost;
+pub mod child;
 pub mod data;
-pub mod dna;
-pub mod individual;
+pub mod device;
 pub mod layers;
 pub mod model;
-pub mod mutation;
 pub mod optim;
 pub mod report;
-pub mod seed;
-pub mod store;
 pub mod threads;
 pub mod train;
 pub mod weights;

@@ -5,10 +5,10 @@
 use candle_core::{Device, Tensor, Var};
 use rand::Rng;
 
-use crate::dna::{Activation, Dna, DnaError, EdgeKind, Shape3};
 use crate::layers::{BatchNormRelu, Conv2d, Linear, Resize};
-use crate::mutation::Child;
 use crate::weights::{Inheritance, ModelVars, Parameters, Weights, WeightsError};
+use population::dna::{Activation, Dna, DnaError, EdgeKind, ModelSpec, Shape3};
+use population::mutation::Child;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -18,22 +18,6 @@ pub enum ModelError {
     Weights(#[from] WeightsError),
     #[error("building the network: {0}")]
     Tensor(#[from] candle_core::Error),
-}
-
-/// What the network reads and predicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ModelSpec {
-    pub input: Shape3,
-    pub classes: usize,
-}
-
-impl ModelSpec {
-    pub fn cifar(classes: usize) -> Self {
-        Self {
-            input: Shape3::CIFAR,
-            classes,
-        }
-    }
 }
 
 enum EdgeOp {
@@ -175,9 +159,9 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mutation::{mutate, Mutation};
-    use crate::seed::{rng, Stream};
     use candle_core::DType;
+    use population::mutation::{mutate, Mutation};
+    use population::seed::{rng, Stream};
     use proptest::prelude::*;
 
     fn build(dna: &Dna, parent: Option<&Weights>, seed: u64) -> (Model, Inheritance) {
@@ -349,7 +333,7 @@ mod tests {
         let detail = Mutation::ResetWeights
             .apply(&mut child.dna, &mut r)
             .unwrap();
-        child.mutations.push(crate::mutation::AppliedMutation {
+        child.mutations.push(population::mutation::AppliedMutation {
             mutation: Mutation::ResetWeights,
             detail,
         });
@@ -369,28 +353,28 @@ mod tests {
     fn skip_from_a_larger_map_is_resized() {
         // in(3x32x32) -conv/2-> a(8x16x16) -conv-> b(5x16x16), and a skip in -> b.
         let conv = |stride, channels| {
-            EdgeKind::Convolution(crate::dna::Convolution::new(stride, channels))
+            EdgeKind::Convolution(population::dna::Convolution::new(stride, channels))
         };
         let mut dna = Dna::initial();
         let (a, b) = (dna.vertices[1].id, dna.fresh_id());
-        dna.vertices.push(crate::dna::Vertex {
+        dna.vertices.push(population::dna::Vertex {
             id: b,
             activation: Activation::BatchNormRelu,
         });
         dna.edges[0].kind = conv(1, 8);
         let (e1, e2) = (dna.fresh_id(), dna.fresh_id());
-        dna.edges.push(crate::dna::Edge {
+        dna.edges.push(population::dna::Edge {
             id: e1,
             from: a,
             to: b,
-            role: crate::dna::Role::Primary,
+            role: population::dna::Role::Primary,
             kind: conv(0, 5),
         });
-        dna.edges.push(crate::dna::Edge {
+        dna.edges.push(population::dna::Edge {
             id: e2,
             from: dna.vertices[0].id,
             to: b,
-            role: crate::dna::Role::Skip,
+            role: population::dna::Role::Skip,
             kind: EdgeKind::Identity,
         });
         let (model, _) = build(&dna, None, 0);

@@ -11,13 +11,14 @@ use futures::StreamExt;
 use plotters::prelude::*;
 
 use crate::data::test_set::TestSet;
-use crate::data::{DataError, DatasetKind, Normalization, Split};
-use crate::individual::{now_ms, Individual};
-use crate::model::{Model, ModelError, ModelSpec};
-use crate::seed::{self, Stream};
-use crate::store::{ExperimentRecord, Population, StoreError, TestResult};
+use crate::data::{DataError, Normalization, Split};
+use crate::model::{Model, ModelError};
 use crate::train::{self, TrainError};
 use crate::weights::{Weights, WeightsError};
+use population::dna::ModelSpec;
+use population::individual::{now_ms, Individual};
+use population::seed::{self, Stream};
+use population::store::{ExperimentRecord, Population, StoreError, TestResult};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -49,7 +50,7 @@ pub struct Gathered {
     /// Records that could not be read (reported, not fatal).
     pub unreadable: usize,
     /// The workers' own running totals (the progress keys).
-    pub summary: crate::store::Summary,
+    pub summary: population::store::Summary,
 }
 
 impl Gathered {
@@ -258,10 +259,7 @@ pub async fn evaluate_best(
         .weights(&best.id)
         .await?
         .ok_or_else(|| ReportError::NoWeights(best.id.to_string()))?;
-    let kind = match g.record.spec.data.dataset {
-        crds::Dataset::Cifar10 => DatasetKind::Cifar10,
-        crds::Dataset::Cifar100 => DatasetKind::Cifar100,
-    };
+    let kind = g.record.spec.data.dataset;
     let spec = g.record.spec.clone();
     let dna = best.dna.clone();
     let id = best.id.clone();

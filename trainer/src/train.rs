@@ -51,6 +51,20 @@ impl TrainConfig {
     }
 }
 
+/// A spec's training settings; each child's seed is set when it is trained.
+impl From<&crds::TrainingSpec> for TrainConfig {
+    fn from(spec: &crds::TrainingSpec) -> Self {
+        Self {
+            steps: spec.steps,
+            batch_size: spec.batch_size as usize,
+            momentum: spec.momentum,
+            weight_decay: spec.weight_decay,
+            augment: true,
+            seed: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
     pub steps: u64,
@@ -182,16 +196,17 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{fixture, DatasetKind, Split};
-    use crate::dna::Dna;
-    use crate::model::ModelSpec;
-    use crate::mutation::Mutation;
-    use crate::seed::{rng, Stream};
+    use crate::data::{fixture, Split};
+    use crds::Dataset;
+    use population::dna::Dna;
+    use population::dna::ModelSpec;
+    use population::mutation::Mutation;
+    use population::seed::{rng, Stream};
 
     fn tiny_split() -> Split {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 120, 11).unwrap();
-        Split::load(dir.path(), DatasetKind::Cifar10, 0, None).unwrap()
+        fixture::write(dir.path(), Dataset::Cifar10, 120, 11).unwrap();
+        Split::load(dir.path(), Dataset::Cifar10, 0, None).unwrap()
     }
 
     #[test]

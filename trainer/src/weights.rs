@@ -242,7 +242,7 @@ impl ModelVars {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seed::{rng, Stream};
+    use population::seed::{rng, Stream};
 
     #[test]
     fn inherits_by_name_and_shape_only() {

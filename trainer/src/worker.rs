@@ -6,195 +6,37 @@
 //! gets to an individual first (it killed our loser, or our parent died before we read it),
 //! this worker gives up that reproduction and tries again, as the paper's workers do.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use candle_core::Device;
 use rand::seq::IndexedRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use tokio::task::JoinSet;
 
-use crate::cost::Flops;
-use crate::data::Split;
-use crate::dna::Dna;
-use crate::individual::{now_ms, Individual, IndividualId, Lineage, Outcome, FORMAT_VERSION};
-use crate::model::{Model, ModelError, ModelSpec};
-use crate::mutation::{mutate, AppliedMutation};
-use crate::seed::{self, Stream};
-use crate::store::{AliveEntry, ExperimentRecord, Population, ProgressEntry, StoreError};
-use crate::threads;
-use crate::train::{self, TrainConfig, TrainError};
-use crate::weights::{Weights, WeightsError};
+use population::dna::Dna;
+use population::individual::{now_ms, Individual, IndividualId, Lineage, FORMAT_VERSION};
+use population::mutation::{mutate, AppliedMutation};
+use population::seed::{self, Stream};
+use population::stop::StopFlag;
+use population::store::{
+    check_worker_name, AliveEntry, ExperimentRecord, InvalidWorkerName, Population, ProgressEntry,
+    StoreError,
+};
+
+use crate::child::{ChildError, ChildJob, ChildTrainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Child(#[from] ChildError),
     #[error(transparent)]
-    Train(#[from] TrainError),
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error("worker {0}")]
-    Invalid(String),
+    Name(#[from] InvalidWorkerName),
     #[error("training task failed: {0}")]
     Join(String),
-    #[error("starting the training threads: {0}")]
-    Threads(#[from] rayon::ThreadPoolBuildError),
-}
-
-/// Set once, by whoever first sees that the experiment should end; polled between and during
-/// trainings.
-#[derive(Debug, Default)]
-pub struct StopFlag {
-    stopped: AtomicBool,
-    reason: Mutex<Option<String>>,
-}
-
-impl StopFlag {
-    pub fn stop(&self, reason: &str) {
-        if let Ok(mut r) = self.reason.lock() {
-            r.get_or_insert_with(|| reason.to_string());
-        }
-        self.stopped.store(true, Ordering::SeqCst);
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Relaxed)
-    }
-
-    pub fn reason(&self) -> Option<String> {
-        self.reason.lock().ok().and_then(|r| r.clone())
-    }
-}
-
-/// A child to train: its DNA, what it may inherit, and its seed.
-pub struct ChildJob {
-    pub dna: Dna,
-    pub parent_weights: Option<Bytes>,
-    pub seed: u64,
-}
-
-/// A trained and evaluated child, everything but the overhead accounting.
-pub struct TrainedChild {
-    pub outcome: Outcome,
-    pub weights: Bytes,
-    pub inherited_tensors: usize,
-    pub fresh_tensors: usize,
-    /// Stopped before the end of training; such a child is not put in the population.
-    pub interrupted: bool,
-}
-
-/// What turns a DNA into a trained, evaluated individual. The real one trains with Candle; the
-/// coordination benchmark substitutes one that returns at once.
-pub trait ChildTrainer: Send + Sync {
-    fn train_child(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError>;
-}
-
-/// Trains on CIFAR with Candle, as §3.4 says.
-pub struct CandleTrainer {
-    pub data: Arc<Split>,
-    pub config: TrainConfig,
-    pub device: Device,
-    /// TF32 matrix products on CUDA (`spec.training.tf32`).
-    pub tf32: bool,
-    /// Threads per training on the CPU ([`crate::threads`]): the cores shared out between
-    /// the worker loops that use this trainer at once ([`crate::threads::cpu_share`]).
-    pub cpu_threads: usize,
-}
-
-/// How a device is named in records and logs.
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    }
-}
-
-impl ChildTrainer for CandleTrainer {
-    fn train_child(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
-        threads::run_on_cpu_pool(&self.device, self.cpu_threads, || {
-            self.train_here(job, stop)
-        })?
-    }
-}
-
-impl CandleTrainer {
-    fn train_here(&self, job: ChildJob, stop: &StopFlag) -> Result<TrainedChild, WorkerError> {
-        let tf32 = self.tf32 && self.device.is_cuda();
-        if tf32 {
-            candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        }
-        let parent = job
-            .parent_weights
-            .map(|bytes| Weights::from_safetensors(&bytes, &self.device))
-            .transpose()?;
-        let spec = ModelSpec::cifar(self.data.kind.classes());
-        let (model, inheritance) = Model::build(
-            &job.dna,
-            spec,
-            parent.as_ref(),
-            &mut seed::rng(job.seed, Stream::Initialisation),
-            &self.device,
-        )?;
-        let config = TrainConfig {
-            seed: job.seed,
-            ..self.config
-        };
-        let report = train::train(
-            &model,
-            job.dna.learning_rate,
-            &self.data.train,
-            &self.data.normalization,
-            &config,
-            &self.device,
-            &|| stop.is_stopped(),
-        )?;
-        let evaluation = if report.interrupted {
-            None
-        } else {
-            Some(train::evaluate(
-                &model,
-                &self.data.validation,
-                &self.data.normalization,
-                500,
-                &self.device,
-            )?)
-        };
-        let weights = Bytes::from(model.weights().to_safetensors()?);
-        let validation_total = self.data.validation.len();
-        let flops = Flops::of(&job.dna, spec).individual(
-            report.steps * config.batch_size as u64,
-            validation_total as u64,
-        );
-        Ok(TrainedChild {
-            outcome: Outcome {
-                validation_accuracy: evaluation.map_or(0.0, |e| e.accuracy),
-                validation_correct: evaluation.map_or(0, |e| e.correct),
-                validation_total,
-                steps: report.steps,
-                diverged: report.diverged,
-                first_loss: Some(report.first_loss).filter(|l| l.is_finite()),
-                last_loss: Some(report.last_loss).filter(|l| l.is_finite()),
-                flops,
-                parameters: model.parameter_count(),
-                convolutions: job.dna.convolution_count(),
-                training_seconds: report.seconds,
-                evaluation_seconds: evaluation.map_or(0.0, |e| e.seconds),
-                overhead_seconds: 0.0,
-                tf32,
-                device: device_name(&self.device),
-            },
-            weights,
-            inherited_tensors: inheritance.inherited.len(),
-            fresh_tensors: inheritance.fresh.len(),
-            interrupted: report.interrupted,
-        })
-    }
 }
 
 /// One worker's identity and settings.
@@ -255,7 +97,7 @@ pub async fn run(
     trainer: Arc<dyn ChildTrainer>,
     stop: Arc<StopFlag>,
 ) -> Result<WorkerReport, WorkerError> {
-    crate::store::check_worker_name(&settings.name).map_err(WorkerError::Invalid)?;
+    check_worker_name(&settings.name)?;
     let mut worker = Worker {
         rng: seed::rng(settings.seed, Stream::Selection),
         progress: ProgressEntry {
@@ -337,20 +179,14 @@ impl Worker<'_> {
     async fn reproduce(&mut self) -> Result<(), WorkerError> {
         let started = Instant::now();
         let alive = self.population.alive().await?;
-        if alive.len() < 2 {
-            // The initial individuals are still being trained by other workers.
+        let Some((mut parent, mut loser)) =
+            tournament(&alive, self.record.spec.controls.selection, &mut self.rng)
+        else {
+            // Fewer than two alive: the initial individuals are still being trained by other
+            // workers.
             tokio::time::sleep(self.settings.idle_wait).await;
             return Ok(());
-        }
-        let pair: Vec<&AliveEntry> = alive.choose_multiple(&mut self.rng, 2).collect();
-        let (a, b) = (pair[0].clone(), pair[1].clone());
-        let tournament = self.record.spec.controls.selection == crds::Selection::Tournament;
-        let a_wins = if tournament && a.fitness != b.fitness {
-            a.fitness > b.fitness
-        } else {
-            self.rng.random_bool(0.5)
         };
-        let (mut parent, mut loser) = if a_wins { (a, b) } else { (b, a) };
         let best_alive = alive.iter().map(|e| e.fitness).fold(0.0, f64::max);
 
         // Read the parent before killing: if it died meanwhile, nobody has been killed in vain.
@@ -550,73 +386,118 @@ enum Read {
     Corrupt,
 }
 
-/// Why the experiment should stop now, if it should: the stop marker, or one of the spec's
-/// stop conditions.
-pub async fn stop_reason(
-    population: &Population,
-    record: &ExperimentRecord,
-) -> Result<Option<String>, StoreError> {
-    if let Some(marker) = population.stop_marker().await? {
-        return Ok(Some(marker.reason));
-    }
-    let stop = &record.spec.stop;
-    if let Some(wall) = stop
-        .wall_time
-        .as_deref()
-        .and_then(|w| crds::parse_duration(w).ok())
-    {
-        let elapsed = now_ms().saturating_sub(record.created_at_ms);
-        if elapsed >= wall.as_millis() as u64 {
-            return Ok(Some(format!(
-                "wall time of {} reached",
-                stop.wall_time.as_deref().unwrap_or_default()
-            )));
-        }
-    }
-    if stop.individuals_trained.is_none() && stop.target_validation_accuracy.is_none() {
-        return Ok(None);
-    }
-    let summary = population.summary().await?;
-    if let Some(n) = stop.individuals_trained {
-        if summary.trained >= n {
-            return Ok(Some(format!("{} individuals trained", summary.trained)));
-        }
-    }
-    if let (Some(target), Some(best)) = (stop.target_validation_accuracy, &summary.best) {
-        if best.fitness >= target {
-            return Ok(Some(format!(
-                "validation accuracy {:.4} reached the target {target}",
-                best.fitness
-            )));
-        }
-    }
-    Ok(None)
+/// §3.1's tournament: two distinct alive individuals drawn uniformly at random; the fitter is
+/// the parent and the other the loser, `(parent, loser)`. A tie, and every pair under the
+/// random-search control (`selection: none`), is decided by a fair coin. `None` with fewer than
+/// two alive.
+pub fn tournament(
+    alive: &[AliveEntry],
+    selection: crds::Selection,
+    rng: &mut impl Rng,
+) -> Option<(AliveEntry, AliveEntry)> {
+    let pair: Vec<&AliveEntry> = alive.choose_multiple(rng, 2).collect();
+    let [a, b] = pair[..] else {
+        return None;
+    };
+    let by_fitness = selection == crds::Selection::Tournament && a.fitness != b.fitness;
+    let a_wins = if by_fitness {
+        a.fitness > b.fitness
+    } else {
+        rng.random_bool(0.5)
+    };
+    let (parent, loser) = if a_wins { (a, b) } else { (b, a) };
+    Some((parent.clone(), loser.clone()))
 }
 
-/// Polls the store every `interval` and sets `flag` (and the store's stop marker) when the
-/// experiment should end. Returns when the flag is set, by it or by anyone else.
-pub async fn watch_for_stop(
-    population: Population,
-    record: ExperimentRecord,
-    flag: Arc<StopFlag>,
-    interval: Duration,
-) {
-    while !flag.is_stopped() {
-        match stop_reason(&population, &record).await {
-            Ok(Some(reason)) => {
-                if let Err(e) = population.request_stop(&reason).await {
-                    tracing::warn!(error = %e, "cannot write the stop marker");
-                }
-                tracing::info!(experiment = %record.name, reason, "stopping");
-                flag.stop(&reason);
-                return;
+/// Runs one worker loop per entry of `loops` as tasks of this process, sharing the trainer
+/// and the stop flag, until the flag is set. The first loop that fails sets the flag, so the
+/// others stop too; its error is returned once every loop has ended.
+pub async fn run_loops(
+    loops: Vec<WorkerSettings>,
+    population: &Population,
+    record: &ExperimentRecord,
+    trainer: Arc<dyn ChildTrainer>,
+    stop: &Arc<StopFlag>,
+) -> Result<Vec<WorkerReport>, WorkerError> {
+    let mut tasks = JoinSet::new();
+    for settings in loops {
+        let (population, record, trainer, stop) = (
+            population.clone(),
+            record.clone(),
+            trainer.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move { run(settings, &population, &record, trainer, stop).await });
+    }
+    let mut reports = Vec::new();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        let error = match joined {
+            Ok(Ok(report)) => {
+                reports.push(report);
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot check the stop conditions"),
+            Ok(Err(e)) => e,
+            Err(e) => WorkerError::Join(e.to_string()),
+        };
+        tracing::error!(experiment = %record.name, error = %error, "worker loop failed");
+        stop.stop("a worker loop failed");
+        failure.get_or_insert(error);
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(reports),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fitness: f64) -> AliveEntry {
+        AliveEntry {
+            id: IndividualId::new(),
+            fitness,
         }
-        let deadline = Instant::now() + interval;
-        while Instant::now() < deadline && !flag.is_stopped() {
-            tokio::time::sleep(Duration::from_millis(100).min(interval)).await;
+    }
+
+    #[test]
+    fn the_fitter_of_two_reproduces_and_the_other_dies() {
+        let alive = [entry(0.2), entry(0.7)];
+        let mut rng = seed::rng(3, Stream::Selection);
+        for _ in 0..20 {
+            let (parent, loser) =
+                tournament(&alive, crds::Selection::Tournament, &mut rng).unwrap();
+            assert_eq!((parent.fitness, loser.fitness), (0.7, 0.2));
         }
+    }
+
+    #[test]
+    fn without_selection_and_on_ties_a_coin_decides() {
+        let mut rng = seed::rng(3, Stream::Selection);
+        for (alive, selection) in [
+            ([entry(0.2), entry(0.7)], crds::Selection::None),
+            ([entry(0.5), entry(0.5)], crds::Selection::Tournament),
+        ] {
+            let parents: Vec<IndividualId> = (0..200)
+                .map(|_| tournament(&alive, selection, &mut rng).unwrap().0.id)
+                .collect();
+            let first = parents.iter().filter(|id| **id == alive[0].id).count();
+            assert!((60..=140).contains(&first), "{selection:?}: {first} of 200");
+        }
+    }
+
+    #[test]
+    fn a_pair_is_two_different_individuals() {
+        let alive: Vec<AliveEntry> = (0..5).map(|i| entry(f64::from(i) / 10.0)).collect();
+        let mut rng = seed::rng(9, Stream::Selection);
+        for _ in 0..100 {
+            let (parent, loser) =
+                tournament(&alive, crds::Selection::Tournament, &mut rng).unwrap();
+            assert_ne!(parent.id, loser.id);
+            assert!(parent.fitness > loser.fitness);
+        }
+        assert!(tournament(&alive[..1], crds::Selection::Tournament, &mut rng).is_none());
+        assert!(tournament(&[], crds::Selection::Tournament, &mut rng).is_none());
     }
 }

@@ -2,7 +2,8 @@
 
 use std::process::Command;
 
-use trainer::data::{fixture, DatasetKind};
+use crds::Dataset;
+use trainer::data::fixture;
 
 fn trainer() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trainer"));
@@ -14,7 +15,7 @@ fn trainer() -> Command {
 fn local_run_trains_reports_exports_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    fixture::write(&data, DatasetKind::Cifar10, 30, 1).unwrap();
+    fixture::write(&data, Dataset::Cifar10, 30, 1).unwrap();
     let store = dir.path().join("store");
     let out = dir.path().join("out");
     let manifest = dir.path().join("run.yaml");
@@ -50,7 +51,7 @@ fn local_run_trains_reports_exports_and_plots() {
     }
     let svg = std::fs::read_to_string(out.join("progress.svg")).unwrap();
     assert!(svg.contains("<circle"), "no individuals drawn");
-    let dna = trainer::dna::Dna::load(&out.join("best/dna.json")).unwrap();
+    let dna = population::dna::Dna::load(&out.join("best/dna.json")).unwrap();
     dna.validate().unwrap();
 
     // `report` reads the same store afterwards and finds the recorded test accuracy.
@@ -88,7 +89,7 @@ fn bad_manifest_names_the_field() {
 fn missing_data_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let dna = dir.path().join("dna.json");
-    std::fs::write(&dna, trainer::dna::Dna::initial().to_json()).unwrap();
+    std::fs::write(&dna, population::dna::Dna::initial().to_json()).unwrap();
     let output = trainer()
         .arg("train")
         .arg(&dna)

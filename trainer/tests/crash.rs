@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use trainer::data::{fixture, DatasetKind, Split};
-use trainer::store::{FileStore, Population};
+use crds::Dataset;
+use population::stop::{watch_for_stop, StopFlag};
+use population::store::{FileStore, Population};
+use trainer::child::CandleTrainer;
+use trainer::data::{fixture, Split};
 use trainer::train::TrainConfig;
 use trainer::weights::Weights;
-use trainer::worker::{self, CandleTrainer, StopFlag, WorkerSettings};
+use trainer::worker::{self, WorkerSettings};
 
 fn manifest(dir: &Path, store: &Path) -> std::path::PathBuf {
     let path = dir.join("crash.yaml");
@@ -59,7 +62,7 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let store_dir = dir.path().join("store");
-    fixture::write(&data, DatasetKind::Cifar10, 24, 5).unwrap();
+    fixture::write(&data, Dataset::Cifar10, 24, 5).unwrap();
     let manifest = manifest(dir.path(), &store_dir);
     let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
         .args([
@@ -106,8 +109,8 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
     let mut record = population.experiment().await.unwrap().unwrap();
     let so_far = population.summary().await.unwrap().trained;
     record.spec.stop.individuals_trained = Some(so_far + 5);
-    let split = Arc::new(Split::load(&data, DatasetKind::Cifar10, record.spec.seed, None).unwrap());
-    let trainer: Arc<dyn worker::ChildTrainer> = Arc::new(CandleTrainer {
+    let split = Arc::new(Split::load(&data, Dataset::Cifar10, record.spec.seed, None).unwrap());
+    let trainer = Arc::new(CandleTrainer {
         data: split,
         config: TrainConfig {
             batch_size: 8,
@@ -119,29 +122,23 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
         cpu_threads: trainer::threads::cpu_share(2),
     });
     let stop = Arc::new(StopFlag::default());
-    let survivors = tokio::spawn(worker::watch_for_stop(
+    let survivors = tokio::spawn(watch_for_stop(
         population.clone(),
         record.clone(),
         stop.clone(),
         Duration::from_millis(50),
     ));
-    let mut reports = Vec::new();
-    for i in 0..2 {
-        let settings = WorkerSettings {
+    let loops = (0..2)
+        .map(|i| WorkerSettings {
             progress_interval: Duration::ZERO,
             ..WorkerSettings::new(format!("survivor-{i}"), i)
-        };
-        reports.push(worker::run(
-            settings,
-            &population,
-            &record,
-            trainer.clone(),
-            stop.clone(),
-        ));
-    }
-    let reports = futures::future::join_all(reports).await;
+        })
+        .collect();
+    let reports = worker::run_loops(loops, &population, &record, trainer, &stop)
+        .await
+        .unwrap();
     survivors.await.unwrap();
-    let trained: u64 = reports.into_iter().map(|r| r.unwrap().trained).sum();
+    let trained: u64 = reports.iter().map(|r| r.trained).sum();
     assert!(trained >= 1, "the surviving workers trained nothing");
     assert!(population.recorded().await.unwrap().len() > before);
     alive_are_whole(&population).await;

@@ -1,48 +1,29 @@
-//! The binary's commands that orchestrate library pieces: a local experiment, a worker pod,
-//! reports and the final evaluation.
+//! The binary's commands, one module each: its arguments (`Args`) and what it does (`run`).
+//! Flags several commands share are in [`flags`].
 
+pub mod bench;
+pub mod check_ops;
+pub mod evaluate;
+pub mod flags;
 pub mod memory;
+pub mod mutate;
+pub mod progress;
 pub mod report;
 pub mod run;
+pub mod train;
 pub mod worker;
 
-use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 
-/// `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
-pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            let device = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
-            tracing::info!(device = ?device, "device chosen automatically");
-            Ok(device)
-        }
-        other => {
-            let index = match other.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .with_context(|| format!("device {other:?}: expected cuda:N"))?,
-                None => bail!("unknown device {other:?}: expected auto, cpu, cuda or cuda:N"),
-            };
-            Device::new_cuda(index).with_context(|| {
-                format!("device {other}: this build or this machine has no CUDA (build with --features cuda)")
-            })
-        }
-    }
+/// Runs an asynchronous command on a multi-threaded runtime of its own.
+pub fn block_on(command: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(command)
 }
 
-/// A worker-independent seed for worker `index` of an experiment seeded `seed`.
-pub fn worker_seed(seed: u64, index: u64) -> u64 {
-    // SplitMix64 of the pair, so that neighbouring seeds give unrelated workers.
-    let mut z = seed ^ index.wrapping_mul(0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
+/// Four hex digits that keep the names of workers started under one name apart.
 pub fn random_suffix() -> String {
     format!("{:04x}", rand::random::<u16>())
 }

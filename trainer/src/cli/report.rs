@@ -1,12 +1,45 @@
-//! `trainer report STORE` and `trainer evaluate STORE`: what any store holds, at any time.
+//! `trainer report STORE`: what any store holds, at any time: a summary, the best individual
+//! exported, the progress plot.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::Device;
-
+use clap::Args as ClapArgs;
+use population::store::Population;
 use trainer::report;
-use trainer::store::Population;
+
+use super::flags::{DataFlag, DeviceFlag, S3Flags};
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// s3://bucket/prefix or file:///path
+    store: String,
+    #[command(flatten)]
+    s3: S3Flags,
+    /// With a data folder, the best individual's test accuracy is measured (§3.7).
+    #[command(flatten)]
+    data: DataFlag,
+    /// Where the export and the plot go.
+    #[arg(long, default_value = "cambrian-report")]
+    out: PathBuf,
+    /// The default device is the CPU.
+    #[command(flatten)]
+    device: DeviceFlag,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let population = args.s3.open(&args.store).await?;
+    write_report(
+        &population,
+        ReportTarget {
+            out: args.out,
+            data: args.data.data,
+            device: args.device.open("cpu")?,
+        },
+    )
+    .await
+}
 
 pub struct ReportTarget {
     pub out: PathBuf,
@@ -50,13 +83,5 @@ pub async fn write_report(population: &Population, target: ReportTarget) -> Resu
         Err(e) => eprintln!("best individual not exported: {e}"),
     }
     println!("plot         {}", plot.display());
-    Ok(())
-}
-
-/// The final evaluation Job's work: test accuracy of the best individual by validation.
-pub async fn evaluate(population: &Population, data: PathBuf, device: Device) -> Result<()> {
-    let gathered = report::gather(population).await?;
-    let result = report::evaluate_best(population, &gathered, &data, &device).await?;
-    println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

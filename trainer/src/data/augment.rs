@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::cifar::{Images, IMAGE_BYTES};
-use crate::seed::{self, Stream};
+use population::seed::{self, Stream};
 
 const SIDE: usize = 32;
 const PLANE: usize = SIDE * SIDE;

@@ -1,10 +1,9 @@
 //! Reading the official binary files. Each record is the label byte(s) and then 3,072 pixel
 //! bytes: the 1,024 red values of the 32x32 image row by row, then green, then blue.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use crds::Dataset;
 
 /// Pixel bytes of one 3x32x32 image.
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
@@ -23,10 +22,10 @@ pub enum DataError {
         path: PathBuf,
         len: u64,
         record: usize,
-        kind: DatasetKind,
+        kind: Dataset,
     },
     #[error("{path} is empty: expected {kind} records")]
-    Empty { path: PathBuf, kind: DatasetKind },
+    Empty { path: PathBuf, kind: Dataset },
     #[error(
         "{path} is corrupt: record {index} has label {label}, but {kind} has {classes} classes"
     )]
@@ -34,7 +33,7 @@ pub enum DataError {
         path: PathBuf,
         index: usize,
         label: u8,
-        kind: DatasetKind,
+        kind: Dataset,
         classes: usize,
     },
     #[error("{path} is truncated or corrupt: it holds {found} records where {expected_from} holds {expected}")]
@@ -48,81 +47,54 @@ pub enum DataError {
     Split { validation: usize, total: usize },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetKind {
-    Cifar10,
-    Cifar100,
-}
-
-impl fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Cifar100 => "cifar100",
-        })
-    }
-}
-
-impl std::str::FromStr for DatasetKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().replace('-', "").as_str() {
-            "cifar10" => Ok(Self::Cifar10),
-            "cifar100" => Ok(Self::Cifar100),
-            _ => Err(format!(
-                "unknown data set {s:?}; expected cifar10 or cifar100"
-            )),
-        }
-    }
-}
-
-impl DatasetKind {
-    pub fn classes(self) -> usize {
-        match self {
-            DatasetKind::Cifar10 => 10,
-            DatasetKind::Cifar100 => 100,
-        }
-    }
-
+/// How the official binary release of a data set is laid out: which files, in which folder,
+/// with how many label bytes before each image.
+pub trait BinaryFormat: Copy {
     /// The folder the official archive unpacks to.
-    pub fn folder(self) -> &'static str {
+    fn folder(self) -> &'static str;
+    fn training_files(self) -> &'static [&'static str];
+    fn test_file(self) -> &'static str;
+    /// Label bytes before the pixels: CIFAR-100 has a coarse and a fine label; we use the fine.
+    fn label_bytes(self) -> usize;
+
+    fn record_bytes(self) -> usize {
+        self.label_bytes() + IMAGE_BYTES
+    }
+}
+
+impl BinaryFormat for Dataset {
+    fn folder(self) -> &'static str {
         match self {
-            DatasetKind::Cifar10 => "cifar-10-batches-bin",
-            DatasetKind::Cifar100 => "cifar-100-binary",
+            Dataset::Cifar10 => "cifar-10-batches-bin",
+            Dataset::Cifar100 => "cifar-100-binary",
         }
     }
 
-    pub fn training_files(self) -> &'static [&'static str] {
+    fn training_files(self) -> &'static [&'static str] {
         match self {
-            DatasetKind::Cifar10 => &[
+            Dataset::Cifar10 => &[
                 "data_batch_1.bin",
                 "data_batch_2.bin",
                 "data_batch_3.bin",
                 "data_batch_4.bin",
                 "data_batch_5.bin",
             ],
-            DatasetKind::Cifar100 => &["train.bin"],
+            Dataset::Cifar100 => &["train.bin"],
         }
     }
 
-    pub fn test_file(self) -> &'static str {
+    fn test_file(self) -> &'static str {
         match self {
-            DatasetKind::Cifar10 => "test_batch.bin",
-            DatasetKind::Cifar100 => "test.bin",
+            Dataset::Cifar10 => "test_batch.bin",
+            Dataset::Cifar100 => "test.bin",
         }
     }
 
-    /// Label bytes before the pixels: CIFAR-100 has a coarse and a fine label; we use the fine.
     fn label_bytes(self) -> usize {
         match self {
-            DatasetKind::Cifar10 => 1,
-            DatasetKind::Cifar100 => 2,
+            Dataset::Cifar10 => 1,
+            Dataset::Cifar100 => 2,
         }
-    }
-
-    pub fn record_bytes(self) -> usize {
-        self.label_bytes() + IMAGE_BYTES
     }
 }
 
@@ -175,7 +147,7 @@ impl Images {
 }
 
 /// The folder holding `kind`'s files: `dir` itself, or the official folder inside it.
-pub(crate) fn resolve(dir: &Path, kind: DatasetKind) -> PathBuf {
+pub(crate) fn resolve(dir: &Path, kind: Dataset) -> PathBuf {
     let nested = dir.join(kind.folder());
     if !dir.join(kind.test_file()).exists()
         && !dir.join(kind.training_files()[0]).exists()
@@ -187,14 +159,14 @@ pub(crate) fn resolve(dir: &Path, kind: DatasetKind) -> PathBuf {
     }
 }
 
-fn hint(kind: DatasetKind) -> String {
+fn hint(kind: Dataset) -> String {
     format!(
-        "point the data folder at the unpacked official {kind} binary files (the {} folder or its parent); for CIFAR-10, ../shared/data/get-cifar10 prints one",
+        "point the data folder at the unpacked official {kind} binary files (the {} folder or its parent)",
         kind.folder()
     )
 }
 
-pub(crate) fn read_file(path: &Path, kind: DatasetKind) -> Result<Images, DataError> {
+pub(crate) fn read_file(path: &Path, kind: Dataset) -> Result<Images, DataError> {
     let bytes = std::fs::read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             DataError::Missing {
@@ -249,7 +221,7 @@ pub(crate) fn read_file(path: &Path, kind: DatasetKind) -> Result<Images, DataEr
 }
 
 /// All training files of `kind`, concatenated in file order.
-pub(crate) fn read_training(dir: &Path, kind: DatasetKind) -> Result<Images, DataError> {
+pub(crate) fn read_training(dir: &Path, kind: Dataset) -> Result<Images, DataError> {
     let dir = resolve(dir, kind);
     let mut all = Images::default();
     let mut first: Option<(PathBuf, usize)> = None;
@@ -283,7 +255,7 @@ mod tests {
 
     #[test]
     fn reads_both_formats() {
-        for kind in [DatasetKind::Cifar10, DatasetKind::Cifar100] {
+        for kind in [Dataset::Cifar10, Dataset::Cifar100] {
             let dir = tempfile::tempdir().unwrap();
             fixture::write(dir.path(), kind, 30, 4).unwrap();
             let images = read_training(dir.path(), kind).unwrap();
@@ -296,11 +268,9 @@ mod tests {
     fn finds_the_official_folder_inside_the_given_one() {
         let dir = tempfile::tempdir().unwrap();
         let inner = dir.path().join("cifar-10-batches-bin");
-        fixture::write(&inner, DatasetKind::Cifar10, 3, 0).unwrap();
+        fixture::write(&inner, Dataset::Cifar10, 3, 0).unwrap();
         assert_eq!(
-            read_training(dir.path(), DatasetKind::Cifar10)
-                .unwrap()
-                .len(),
+            read_training(dir.path(), Dataset::Cifar10).unwrap().len(),
             15
         );
     }
@@ -308,11 +278,11 @@ mod tests {
     #[test]
     fn truncated_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 5, 0).unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
         let path = dir.path().join("data_batch_3.bin");
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-        let err = read_training(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        let err = read_training(dir.path(), Dataset::Cifar10).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("data_batch_3.bin") && msg.contains("truncated"),
@@ -323,11 +293,11 @@ mod tests {
     #[test]
     fn file_cut_at_a_record_boundary_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 5, 0).unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
         let path = dir.path().join("data_batch_4.bin");
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..3 * 3073]).unwrap();
-        let msg = read_training(dir.path(), DatasetKind::Cifar10)
+        let msg = read_training(dir.path(), Dataset::Cifar10)
             .unwrap_err()
             .to_string();
         assert!(
@@ -339,7 +309,7 @@ mod tests {
     #[test]
     fn missing_file_is_named_with_a_hint() {
         let dir = tempfile::tempdir().unwrap();
-        let msg = read_training(dir.path(), DatasetKind::Cifar10)
+        let msg = read_training(dir.path(), Dataset::Cifar10)
             .unwrap_err()
             .to_string();
         assert!(
@@ -351,12 +321,12 @@ mod tests {
     #[test]
     fn bad_label_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 5, 0).unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
         let path = dir.path().join("data_batch_2.bin");
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[2 * 3073] = 200;
         std::fs::write(&path, &bytes).unwrap();
-        let msg = read_training(dir.path(), DatasetKind::Cifar10)
+        let msg = read_training(dir.path(), Dataset::Cifar10)
             .unwrap_err()
             .to_string();
         assert!(

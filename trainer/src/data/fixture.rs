@@ -6,11 +6,13 @@ use std::path::Path;
 
 use rand::Rng;
 
-use super::cifar::{DatasetKind, IMAGE_BYTES};
-use crate::seed::{self, Stream};
+use crds::Dataset;
+
+use super::cifar::{BinaryFormat, IMAGE_BYTES};
+use population::seed::{self, Stream};
 
 /// Writes `records` images into each training file of `kind` and into its test file.
-pub fn write(dir: &Path, kind: DatasetKind, records: usize, seed: u64) -> std::io::Result<()> {
+pub fn write(dir: &Path, kind: Dataset, records: usize, seed: u64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut rng = seed::rng(seed, Stream::Split);
     let test = [kind.test_file()];
@@ -18,7 +20,7 @@ pub fn write(dir: &Path, kind: DatasetKind, records: usize, seed: u64) -> std::i
         let mut bytes = Vec::with_capacity(records * kind.record_bytes());
         for _ in 0..records {
             let label = rng.random_range(0..kind.classes());
-            if kind == DatasetKind::Cifar100 {
+            if kind == Dataset::Cifar100 {
                 bytes.push((label / 5) as u8);
             }
             bytes.push(label as u8);

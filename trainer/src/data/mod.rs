@@ -9,18 +9,19 @@ pub mod source;
 pub mod test_set;
 
 pub use augment::{evaluation_batches, Batch, Normalization, TrainingBatches};
-pub use cifar::{DataError, DatasetKind, Images, IMAGE_BYTES};
+pub use cifar::{BinaryFormat, DataError, Images, IMAGE_BYTES};
 
 use std::path::Path;
 
+use crds::{Dataset, ValidatedSpec};
 use rand::seq::SliceRandom;
 
-use crate::seed::{self, Stream};
+use population::seed::{self, Stream};
 
 /// The images evolution may look at: training and validation, never test.
 #[derive(Clone, Debug)]
 pub struct Split {
-    pub kind: DatasetKind,
+    pub kind: Dataset,
     pub train: Images,
     pub validation: Images,
     /// Per-channel statistics of the training images, used for every image the models see.
@@ -32,7 +33,7 @@ impl Split {
     /// (default: a tenth, which is the paper's 5,000 of 50,000) chosen by `seed`.
     pub fn load(
         dir: &Path,
-        kind: DatasetKind,
+        kind: Dataset,
         seed: u64,
         validation: Option<usize>,
     ) -> Result<Self, DataError> {
@@ -40,9 +41,15 @@ impl Split {
         Self::from_images(all, kind, seed, validation)
     }
 
+    /// The split an experiment evolves on: its data set, held out by its seed.
+    pub fn for_spec(spec: &ValidatedSpec, dir: &Path) -> Result<Self, DataError> {
+        let validation = spec.data.validation_images.map(|v| v as usize);
+        Self::load(dir, spec.data.dataset, spec.seed, validation)
+    }
+
     pub fn from_images(
         all: Images,
-        kind: DatasetKind,
+        kind: Dataset,
         seed: u64,
         validation: Option<usize>,
     ) -> Result<Self, DataError> {
@@ -73,17 +80,17 @@ mod tests {
     #[test]
     fn split_is_seeded_disjoint_and_complete() {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 40, 0).unwrap();
-        let a = Split::load(dir.path(), DatasetKind::Cifar10, 1, None).unwrap();
-        let b = Split::load(dir.path(), DatasetKind::Cifar10, 1, None).unwrap();
-        let c = Split::load(dir.path(), DatasetKind::Cifar10, 2, None).unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 40, 0).unwrap();
+        let a = Split::load(dir.path(), Dataset::Cifar10, 1, None).unwrap();
+        let b = Split::load(dir.path(), Dataset::Cifar10, 1, None).unwrap();
+        let c = Split::load(dir.path(), Dataset::Cifar10, 2, None).unwrap();
         assert_eq!(a.train.len(), 180);
         assert_eq!(a.validation.len(), 20);
         assert_eq!(a.validation.labels, b.validation.labels);
         assert_eq!(a.validation.pixels, b.validation.pixels);
         assert_ne!(a.validation.pixels, c.validation.pixels);
         // Every image lands on exactly one side.
-        let all = cifar::read_training(dir.path(), DatasetKind::Cifar10).unwrap();
+        let all = cifar::read_training(dir.path(), Dataset::Cifar10).unwrap();
         let mut seen: Vec<&[u8]> = a
             .train
             .iter()
@@ -99,8 +106,8 @@ mod tests {
     #[test]
     fn split_that_leaves_nothing_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), DatasetKind::Cifar10, 2, 0).unwrap();
-        let err = Split::load(dir.path(), DatasetKind::Cifar10, 1, Some(10)).unwrap_err();
+        fixture::write(dir.path(), Dataset::Cifar10, 2, 0).unwrap();
+        let err = Split::load(dir.path(), Dataset::Cifar10, 1, Some(10)).unwrap_err();
         assert!(err.to_string().contains("validation"), "{err}");
     }
 }

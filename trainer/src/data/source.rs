@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::cifar::DatasetKind;
-use crate::store::{ObjectStore, S3Settings, S3Store, StoreError};
+use crds::{Dataset, ValidatedSpec};
+use population::store::{ObjectStore, S3Settings, S3Store, StoreError};
+
+use super::cifar::BinaryFormat;
 
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const CIFAR10_SHA256: &str = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd";
@@ -63,20 +65,27 @@ fn cache_error(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     }
 }
 
-/// The local folder with the data of `data`, fetching it into `cache` first if needed.
-/// `s3` carries the endpoint settings for an `s3://` source (those of the experiment's store).
+/// The data folder of an experiment: `given` (a `--data` folder), else its spec's source,
+/// fetched into the default cache.
+pub async fn folder(spec: &ValidatedSpec, given: Option<PathBuf>) -> Result<PathBuf, SourceError> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => resolve(&spec.data, &default_cache(), &spec.store).await,
+    }
+}
+
+/// The local folder with the data of `data`, fetching it into `cache` first if needed. An
+/// `s3://` source is reached with the endpoint, region and addressing of `store` (the
+/// experiment's store).
 pub async fn resolve(
     data: &crds::DataSpec,
     cache: &Path,
-    s3: &S3Settings,
+    store: &crds::StoreSpec,
 ) -> Result<PathBuf, SourceError> {
-    let kind = match data.dataset {
-        crds::Dataset::Cifar10 => DatasetKind::Cifar10,
-        crds::Dataset::Cifar100 => DatasetKind::Cifar100,
-    };
+    let kind = data.dataset;
     let (default_url, default_sha) = match kind {
-        DatasetKind::Cifar10 => (CIFAR10_URL, CIFAR10_SHA256),
-        DatasetKind::Cifar100 => (CIFAR100_URL, CIFAR100_SHA256),
+        Dataset::Cifar10 => (CIFAR10_URL, CIFAR10_SHA256),
+        Dataset::Cifar100 => (CIFAR100_URL, CIFAR100_SHA256),
     };
     let source = data.source.as_deref().unwrap_or(default_url);
     if let Some(path) = source.strip_prefix("file://") {
@@ -86,7 +95,7 @@ pub async fn resolve(
         return Ok(PathBuf::from(source));
     }
     if source.starts_with("s3://") {
-        return fetch_s3(source, kind, cache, s3).await;
+        return fetch_s3(source, kind, cache, store).await;
     }
     let expected = data
         .sha256
@@ -194,9 +203,9 @@ pub fn fetch_archive(url: &str, expected_sha: &str, cache: &Path) -> Result<Path
 /// Copies the binary files from `s3://bucket/prefix/` into the cache.
 async fn fetch_s3(
     source: &str,
-    kind: DatasetKind,
+    kind: Dataset,
     cache: &Path,
-    settings: &S3Settings,
+    store_spec: &crds::StoreSpec,
 ) -> Result<PathBuf, SourceError> {
     let store_error = |error| SourceError::Store {
         source_url: source.to_string(),
@@ -216,13 +225,9 @@ async fn fetch_s3(
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir).map_err(cache_error(&dir))?;
-    let store = S3Store::connect(S3Settings {
-        bucket,
-        prefix,
-        ..settings.clone()
-    })
-    .await
-    .map_err(store_error)?;
+    let store = S3Store::connect(S3Settings::at(bucket, prefix, store_spec))
+        .await
+        .map_err(store_error)?;
     let names: Vec<&str> = kind
         .training_files()
         .iter()
@@ -282,7 +287,7 @@ mod tests {
     /// A .tar.gz laid out like the official one: cifar-10-batches-bin/<files>.
     fn archive() -> Vec<u8> {
         let files = tempfile::tempdir().unwrap();
-        crate::data::fixture::write(files.path(), DatasetKind::Cifar10, 4, 0).unwrap();
+        crate::data::fixture::write(files.path(), Dataset::Cifar10, 4, 0).unwrap();
         let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
             Vec::new(),
             flate2::Compression::fast(),
@@ -299,7 +304,7 @@ mod tests {
         let url = serve(body);
         let cache = tempfile::tempdir().unwrap();
         let dir = fetch_archive(&url, &sha, cache.path()).unwrap();
-        let images = crate::data::cifar::read_training(&dir, DatasetKind::Cifar10).unwrap();
+        let images = crate::data::cifar::read_training(&dir, Dataset::Cifar10).unwrap();
         assert_eq!(images.len(), 20);
         // The second time it comes from the cache, even with the server gone.
         let again = fetch_archive("http://127.0.0.1:9/nothing", &sha, cache.path()).unwrap();

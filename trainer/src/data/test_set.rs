@@ -5,14 +5,16 @@
 
 use std::path::Path;
 
-use super::cifar::{self, DataError, DatasetKind, Images};
+use crds::Dataset;
+
+use super::cifar::{self, BinaryFormat, DataError, Images};
 
 pub struct TestSet {
     images: Images,
 }
 
 impl TestSet {
-    pub fn load(dir: &Path, kind: DatasetKind) -> Result<Self, DataError> {
+    pub fn load(dir: &Path, kind: Dataset) -> Result<Self, DataError> {
         let dir = cifar::resolve(dir, kind);
         Ok(Self {
             images: cifar::read_file(&dir.join(kind.test_file()), kind)?,

@@ -179,8 +179,8 @@ impl BatchNormRelu {
 mod tests {
     use super::*;
     use crate::layers::cpu::max_diff;
-    use crate::seed::{rng, Stream};
     use candle_core::{Device, Var, D};
+    use population::seed::{rng, Stream};
 
     /// Two identical layers with non-trivial affine parameters, so that their gradients are
     /// tested too.

@@ -109,8 +109,8 @@ impl Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seed::{rng, Stream};
     use candle_core::{Device, D};
+    use population::seed::{rng, Stream};
 
     fn conv(filter: (usize, usize), stride: usize) -> Conv2d {
         let mut r = rng(0, Stream::Initialisation);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu::skip::{Fit, SkipAdd};
-use crate::dna::Shape3;
+use population::dna::Shape3;
 
 #[derive(Clone, Debug)]
 pub struct Resize {

@@ -7,8 +7,8 @@ use candle_core::{Device, Result, Tensor, Var};
 use serde::Serialize;
 
 use crate::layers::{BatchNormRelu, Conv2d, Path};
-use crate::seed::{rng, Stream};
 use crate::weights::Parameters;
+use population::seed::{rng, Stream};
 
 /// One quantity computed both ways: the largest difference, relative to the reference's
 /// largest magnitude (at least 1).

@@ -1,20 +1,6 @@
-//! The experiment's layout in a store, and the operations of §3.1 on it.
-//!
-//! ```text
-//! experiment.json                        the spec and start time, written once, create-only
-//! slots/<k>                              claim of initial-population slot k, create-only
-//! individuals/<id>/individual.json       DNA, lineage and outcome (kept after death)
-//! individuals/<id>/weights.safetensors   deleted when the individual dies
-//! alive/<id>@<fitness>                   written last: the individual exists from here on
-//! dead/<id>                              the kill, create-only: exactly one worker wins it
-//! progress/<worker>@<trained>@<mflops>@<ms>@<best fitness>@<best id>
-//!                                        each worker's running totals, replaced as they grow
-//! control/stop                           the stop marker, create-only
-//! evaluation/<id>.json                   test accuracy of the reported individual
-//! ```
-//!
-//! As in the paper's footnote 2, keys carry what the hot paths need: one LIST of `alive/`
-//! answers a tournament, and one LIST of `alive/` plus one of `progress/` answers the status.
+//! The population of one experiment in one store, and the operations of §3.1 on it: the
+//! only code that knows which keys make an individual alive, dead or in progress
+//! ([`super::layout`] names them).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -23,18 +9,14 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
+use super::layout::{
+    self, alive_key, check_worker_name, dead_key, evaluation_key, record_key, slot_key,
+    weights_key, AliveEntry, ProgressEntry, ALIVE, DEAD, EXPERIMENT, INDIVIDUALS, PROGRESS, SLOTS,
+    STOP,
+};
 use super::{ObjectStore, StoreError};
 use crate::dna::Dna;
 use crate::individual::{now_ms, Individual, IndividualId, FORMAT_VERSION};
-
-const EXPERIMENT: &str = "experiment.json";
-const SLOTS: &str = "slots/";
-const INDIVIDUALS: &str = "individuals/";
-const ALIVE: &str = "alive/";
-const DEAD: &str = "dead/";
-const PROGRESS: &str = "progress/";
-const STOP: &str = "control/stop";
-const EVALUATION: &str = "evaluation/";
 
 /// The experiment as recorded when it started.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,77 +27,10 @@ pub struct ExperimentRecord {
     pub created_at_ms: u64,
 }
 
-/// An alive individual as its key shows it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AliveEntry {
-    pub id: IndividualId,
-    pub fitness: f64,
-}
-
-impl AliveEntry {
-    fn key(&self) -> String {
-        alive_key(&self.id, self.fitness)
-    }
-}
-
-fn alive_key(id: &IndividualId, fitness: f64) -> String {
-    format!("{ALIVE}{id}@{fitness:.6}")
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StopMarker {
     pub reason: String,
     pub at_ms: u64,
-}
-
-/// A worker's running totals, as its progress key shows them.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ProgressEntry {
-    pub worker: String,
-    pub trained: u64,
-    pub flops: f64,
-    pub seconds: f64,
-    pub best: Option<AliveEntry>,
-}
-
-impl ProgressEntry {
-    fn key(&self) -> String {
-        let (fitness, id) = match &self.best {
-            Some(b) => (format!("{:.6}", b.fitness), b.id.to_string()),
-            None => ("0".to_string(), "none".to_string()),
-        };
-        format!(
-            "{PROGRESS}{}@{}@{}@{}@{fitness}@{id}",
-            self.worker,
-            self.trained,
-            (self.flops / 1e6).round() as u64,
-            (self.seconds * 1e3).round() as u64,
-        )
-    }
-
-    fn parse(key: &str) -> Option<Self> {
-        let rest = key.strip_prefix(PROGRESS)?;
-        let parts: Vec<&str> = rest.split('@').collect();
-        let [worker, trained, mflops, ms, fitness, id] = parts[..] else {
-            return None;
-        };
-        check_worker_name(worker).ok()?;
-        let best = if id == "none" {
-            None
-        } else {
-            Some(AliveEntry {
-                id: IndividualId::parse(id).ok()?,
-                fitness: parse_fitness(fitness)?,
-            })
-        };
-        Some(Self {
-            worker: worker.to_string(),
-            trained: trained.parse().ok()?,
-            flops: mflops.parse::<u64>().ok()? as f64 * 1e6,
-            seconds: ms.parse::<u64>().ok()? as f64 / 1e3,
-            best,
-        })
-    }
 }
 
 /// What the status and the progress bar show; two LISTs compute it.
@@ -137,28 +52,6 @@ pub struct TestResult {
     pub correct: usize,
     pub total: usize,
     pub at_ms: u64,
-}
-
-fn parse_fitness(text: &str) -> Option<f64> {
-    text.parse::<f64>()
-        .ok()
-        .filter(|f| f.is_finite() && (0.0..=1.0).contains(f))
-}
-
-/// Worker names go into keys: 1-63 lower-case letters, digits and '-', like a pod name.
-pub fn check_worker_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "worker name {name:?} must be 1-63 lower-case letters, digits or '-'"
-        ))
-    }
 }
 
 /// The population of one experiment in one store.
@@ -214,12 +107,12 @@ impl Population {
     pub async fn start_experiment(
         &self,
         name: &str,
-        spec: &crds::EvolutionExperimentSpec,
+        spec: &crds::ValidatedSpec,
     ) -> Result<ExperimentRecord, StoreError> {
         let record = ExperimentRecord {
             format_version: FORMAT_VERSION,
             name: name.to_string(),
-            spec: spec.clone(),
+            spec: (**spec).clone(),
             created_at_ms: now_ms(),
         };
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
@@ -243,7 +136,7 @@ impl Population {
                 s.controls.clone(),
             )
         };
-        if essence(&existing.spec) != essence(spec) {
+        if essence(&existing.spec) != essence(&record.spec) {
             return Err(StoreError::Conflict {
                 store: self.url().to_string(),
                 message: format!(
@@ -280,7 +173,7 @@ impl Population {
     /// Claims initial-population slot `slot`: `true` if this worker now owns it.
     pub async fn claim_slot(&self, slot: u32, worker: &str) -> Result<bool, StoreError> {
         self.store
-            .put_new(&format!("{SLOTS}{slot}"), Bytes::from(worker.to_string()))
+            .put_new(&slot_key(slot), Bytes::from(worker.to_string()))
             .await
     }
 
@@ -288,16 +181,7 @@ impl Population {
     pub async fn alive(&self) -> Result<Vec<AliveEntry>, StoreError> {
         let mut alive = Vec::new();
         for key in self.store.list(ALIVE).await? {
-            let parsed = key
-                .strip_prefix(ALIVE)
-                .and_then(|rest| rest.split_once('@'))
-                .and_then(|(id, fitness)| {
-                    Some(AliveEntry {
-                        id: IndividualId::parse(id).ok()?,
-                        fitness: parse_fitness(fitness)?,
-                    })
-                });
-            match parsed {
+            match AliveEntry::parse(&key) {
                 Some(entry) => alive.push(entry),
                 None => self.skip(&key, "not <id>@<fitness>"),
             }
@@ -308,7 +192,7 @@ impl Population {
     /// An individual's record; a record that does not parse or whose DNA is invalid is an
     /// error the caller can skip.
     pub async fn individual(&self, id: &IndividualId) -> Result<Option<Individual>, StoreError> {
-        let key = format!("{INDIVIDUALS}{id}/individual.json");
+        let key = record_key(id);
         let Some(bytes) = self.store.get(&key).await? else {
             return Ok(None);
         };
@@ -325,9 +209,7 @@ impl Population {
     }
 
     pub async fn weights(&self, id: &IndividualId) -> Result<Option<Bytes>, StoreError> {
-        self.store
-            .get(&format!("{INDIVIDUALS}{id}/weights.safetensors"))
-            .await
+        self.store.get(&weights_key(id)).await
     }
 
     /// Puts a trained individual in: weights and record first, the alive key last, so that
@@ -340,21 +222,14 @@ impl Population {
     /// The first half of [`Population::add`]: the weights, which nothing reads before the
     /// individual is published.
     pub async fn put_weights(&self, id: &IndividualId, weights: Bytes) -> Result<(), StoreError> {
-        self.store
-            .put(&format!("{INDIVIDUALS}{id}/weights.safetensors"), weights)
-            .await
+        self.store.put(&weights_key(id), weights).await
     }
 
     /// The second half: the record, then the alive key; from here on the individual exists.
     pub async fn publish(&self, individual: &Individual) -> Result<(), StoreError> {
         let id = &individual.id;
         let record = serde_json::to_vec_pretty(individual).expect("serialisable");
-        self.store
-            .put(
-                &format!("{INDIVIDUALS}{id}/individual.json"),
-                Bytes::from(record),
-            )
-            .await?;
+        self.store.put(&record_key(id), Bytes::from(record)).await?;
         self.store
             .put(&alive_key(id, individual.fitness()), Bytes::new())
             .await
@@ -369,15 +244,13 @@ impl Population {
             .expect("serialisable");
         let won = self
             .store
-            .put_new(&format!("{DEAD}{}", victim.id), Bytes::from(body))
+            .put_new(&dead_key(&victim.id), Bytes::from(body))
             .await?;
         // A loser also cleans up: the winner may have crashed between its kill and its
         // cleanup, and removing what is already removed is harmless.
         self.store.delete(&victim.key()).await?;
         if !keep_weights {
-            self.store
-                .delete(&format!("{INDIVIDUALS}{}/weights.safetensors", victim.id))
-                .await?;
+            self.store.delete(&weights_key(&victim.id)).await?;
         }
         Ok(won)
     }
@@ -447,9 +320,9 @@ impl Population {
         entry: &ProgressEntry,
         previous: Option<&str>,
     ) -> Result<String, StoreError> {
-        check_worker_name(&entry.worker).map_err(|reason| StoreError::InvalidKey {
+        check_worker_name(&entry.worker).map_err(|e| StoreError::InvalidKey {
             key: entry.worker.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         let key = entry.key();
         self.store.put(&key, Bytes::new()).await?;
@@ -495,15 +368,12 @@ impl Population {
     pub async fn record_test_result(&self, result: &TestResult) -> Result<(), StoreError> {
         let body = serde_json::to_vec_pretty(result).expect("serialisable");
         self.store
-            .put(
-                &format!("{EVALUATION}{}.json", result.id),
-                Bytes::from(body),
-            )
+            .put(&evaluation_key(&result.id), Bytes::from(body))
             .await
     }
 
     pub async fn test_result(&self, id: &IndividualId) -> Result<Option<TestResult>, StoreError> {
-        let key = format!("{EVALUATION}{id}.json");
+        let key = evaluation_key(id);
         match self.store.get(&key).await? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -516,15 +386,7 @@ impl Population {
     /// this runs may survive it; stop the workers first.
     pub async fn delete_everything(&self) -> Result<usize, StoreError> {
         let mut keys = vec![EXPERIMENT.to_string()];
-        for prefix in [
-            ALIVE,
-            DEAD,
-            SLOTS,
-            PROGRESS,
-            "control/",
-            EVALUATION,
-            INDIVIDUALS,
-        ] {
+        for prefix in layout::PREFIXES {
             keys.extend(self.store.list(prefix).await?);
         }
         let count = keys.len();
@@ -545,27 +407,5 @@ impl Population {
         let mut dna = Dna::initial();
         dna.learning_rate = spec.training.initial_learning_rate;
         dna
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn progress_keys_round_trip() {
-        let entry = ProgressEntry {
-            worker: "trainer-abc-0".into(),
-            trained: 12,
-            flops: 3.5e12,
-            seconds: 81.25,
-            best: Some(AliveEntry {
-                id: IndividualId::parse("18c-00ff").unwrap(),
-                fitness: 0.4375,
-            }),
-        };
-        let back = ProgressEntry::parse(&entry.key()).unwrap();
-        assert_eq!(back, entry);
-        assert!(ProgressEntry::parse("progress/../x@1@2@3@0@none").is_none());
     }
 }

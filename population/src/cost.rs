@@ -12,14 +12,13 @@
 //! | fully connected | `2 * inputs * classes + classes` |
 //!
 //! `kh, kw` is the filter as computed: taps beyond `2 * side - 1` only ever meet padding and
-//! are not evaluated (see `layers::Conv2d`). A training example costs the forward pass plus a
-//! backward pass of about twice that (gradients with respect to inputs and to weights), so
-//! `F_t = 3 * F_v`.
+//! are not evaluated (the trainer's `layers::Conv2d` computes only the centre). A training
+//! example costs the forward pass plus a backward pass of about twice that (gradients with
+//! respect to inputs and to weights), so `F_t = 3 * F_v`.
 
 use serde::{Deserialize, Serialize};
 
-use crate::dna::{Activation, Dna, EdgeKind};
-use crate::model::ModelSpec;
+use crate::dna::{Activation, Dna, EdgeKind, ModelSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Flops {

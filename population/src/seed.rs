@@ -22,6 +22,15 @@ pub fn rng(seed: u64, stream: Stream) -> ChaCha8Rng {
     rng
 }
 
+/// The seed of worker `index` of an experiment seeded `seed`: SplitMix64 of the pair, so that
+/// neighbouring seeds and indices give unrelated workers.
+pub fn worker_seed(seed: u64, index: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_mul(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,21 @@ pub struct S3Settings {
     pub credentials: Option<(String, String)>,
 }
 
+impl S3Settings {
+    /// How to reach `bucket/prefix` with the endpoint, region and addressing of `store`, and
+    /// the SDK's credential chain.
+    pub fn at(bucket: String, prefix: String, store: &crds::StoreSpec) -> Self {
+        Self {
+            bucket,
+            prefix,
+            endpoint: store.endpoint.clone(),
+            region: store.region.clone(),
+            path_style: store.path_style,
+            credentials: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct S3Store {
     client: Client,

@@ -176,6 +176,23 @@ impl fmt::Display for Shape3 {
     }
 }
 
+/// What a network built from a DNA reads and predicts: the same DNA gives other shapes, costs
+/// and weights for another input or class count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub input: Shape3,
+    pub classes: usize,
+}
+
+impl ModelSpec {
+    pub fn cifar(classes: usize) -> Self {
+        Self {
+            input: Shape3::CIFAR,
+            classes,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Dna {
     pub format_version: u32,

@@ -5,15 +5,14 @@
 
 mod counting;
 mod file;
+pub mod layout;
 mod population;
 mod s3;
 
 pub use counting::{CountingStore, RequestCounts};
 pub use file::FileStore;
-pub use population::{
-    check_worker_name, AliveEntry, ExperimentRecord, Population, ProgressEntry, StopMarker,
-    Summary, TestResult,
-};
+pub use layout::{check_worker_name, AliveEntry, InvalidWorkerName, ProgressEntry};
+pub use population::{ExperimentRecord, Population, StopMarker, Summary, TestResult};
 pub use s3::{S3Settings, S3Store};
 
 use std::fmt::Debug;
@@ -76,19 +75,15 @@ pub async fn open_with_credentials(
     store: &crds::StoreSpec,
     credentials: Option<(String, String)>,
 ) -> Result<Arc<dyn ObjectStore>, StoreError> {
-    match crds::parse_store_url(&store.url).map_err(|reason| StoreError::InvalidKey {
+    match crds::parse_store_url(&store.url).map_err(|e| StoreError::InvalidKey {
         key: store.url.clone(),
-        reason,
+        reason: e.to_string(),
     })? {
         crds::StoreLocation::File { path } => Ok(Arc::new(FileStore::open(path.as_ref()).await?)),
         crds::StoreLocation::S3 { bucket, prefix } => Ok(Arc::new(
             S3Store::connect(S3Settings {
-                bucket,
-                prefix,
-                endpoint: store.endpoint.clone(),
-                region: store.region.clone(),
-                path_style: store.path_style,
                 credentials,
+                ..S3Settings::at(bucket, prefix, store)
             })
             .await?,
         )),

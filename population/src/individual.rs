@@ -12,6 +12,13 @@ use crate::mutation::AppliedMutation;
 
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Text that is not an individual id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not an individual id")]
+pub struct InvalidId {
+    pub text: String,
+}
+
 /// An individual's id: the birth time in milliseconds (hex, so ids sort by time) and 32
 /// random bits. Only these characters ever reach a store key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -24,7 +31,7 @@ impl IndividualId {
     }
 
     /// Accepts 1-64 characters of lower-case letters, digits and '-'.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
         let ok = !s.is_empty()
             && s.len() <= 64
             && s.chars()
@@ -32,7 +39,9 @@ impl IndividualId {
         if ok {
             Ok(Self(s.to_string()))
         } else {
-            Err(format!("{s:?} is not an individual id"))
+            Err(InvalidId {
+                text: s.to_string(),
+            })
         }
     }
 
@@ -48,8 +57,8 @@ impl Default for IndividualId {
 }
 
 impl TryFrom<String> for IndividualId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = InvalidId;
+    fn try_from(s: String) -> Result<Self, InvalidId> {
         Self::parse(&s)
     }
 }

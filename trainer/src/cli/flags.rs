@@ -1,0 +1,89 @@
+//! The flags several commands share, declared once and flattened into each command's
+//! arguments: the S3 connection, the device, the data folder, and where an experiment comes
+//! from.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use crds::Experiment;
+use population::store::{self, Population};
+
+/// How to reach an S3 store named on the command line (ignored for `file://` stores).
+#[derive(Args, Debug)]
+pub struct S3Flags {
+    /// S3 endpoint of an S3-compatible server.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+    /// Path-style addressing (endpoint/bucket/key), which most S3-compatible servers need.
+    #[arg(long)]
+    pub path_style: bool,
+}
+
+impl S3Flags {
+    /// The population in the store at `url` (`s3://bucket/prefix` or `file:///path`), with
+    /// the SDK's credential chain.
+    pub async fn open(&self, url: &str) -> Result<Population> {
+        let spec = crds::StoreSpec {
+            url: url.to_string(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            path_style: self.path_style,
+            credentials_secret: None,
+            retention: crds::Retention::Retain,
+        };
+        crds::parse_store_url(url).with_context(|| format!("store URL {url:?}"))?;
+        Ok(Population::new(store::open(&spec).await?))
+    }
+}
+
+/// Which device trains or evaluates.
+#[derive(Args, Debug)]
+pub struct DeviceFlag {
+    /// cpu, cuda, cuda:N or auto (CUDA when present, else the CPU).
+    #[arg(long, env = "CAMBRIAN_DEVICE")]
+    pub device: Option<String>,
+}
+
+impl DeviceFlag {
+    /// The device named, else `default`.
+    pub fn open(&self, default: &str) -> Result<Device> {
+        Ok(trainer::device::open(
+            self.device.as_deref().unwrap_or(default),
+        )?)
+    }
+}
+
+/// Where the images are.
+#[derive(Args, Debug)]
+pub struct DataFlag {
+    /// Folder with the official CIFAR binary files (or the folder that holds it); without it,
+    /// the experiment's data source is fetched into the cache.
+    #[arg(long, env = "CAMBRIAN_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+/// Where a worker or an evaluation finds its experiment: a manifest file, or the JSON the
+/// operator puts in its pods' environment.
+#[derive(Args, Debug)]
+pub struct ExperimentFlags {
+    /// The EvolutionExperiment manifest; or set CAMBRIAN_EXPERIMENT to it in JSON.
+    #[arg(long, env = "CAMBRIAN_MANIFEST")]
+    pub manifest: Option<PathBuf>,
+    #[arg(long, env = "CAMBRIAN_EXPERIMENT", hide_env_values = true)]
+    pub experiment: Option<String>,
+}
+
+impl ExperimentFlags {
+    /// The experiment, validated; `None` when neither is given.
+    pub fn load(&self) -> Result<Option<Experiment>> {
+        Ok(match (&self.manifest, &self.experiment) {
+            (Some(path), _) => Some(crds::manifest::load(path)?),
+            (None, Some(json)) => Some(crds::manifest::parse("CAMBRIAN_EXPERIMENT", json)?),
+            (None, None) => None,
+        })
+    }
+}
