@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles the GPU path's kernels (`src/layers/gpu/kernels.cu`) to
+//! With the `cuda` feature, compiles the CUDA kernels (`src/layers/cuda/kernels.cu`) to
 //! PTX for the compute capability in `CUDA_COMPUTE_CAP` (default 90: H100/H200), with the
 //! `nvcc` of `CUDA_HOME` or the PATH (scripts/build-cuda.sh sets both). The default build
 //! needs no CUDA and does nothing here.
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/layers/gpu/kernels.cu");
+    println!("cargo:rerun-if-changed=src/layers/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -21,14 +21,14 @@ fn main() {
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3"])
         .arg(format!("-arch=sm_{cap}"))
-        .arg("src/layers/gpu/kernels.cu")
+        .arg("src/layers/cuda/kernels.cu")
         .arg("-o")
         .arg(out.join("layers.ptx"))
         .status();
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => panic!(
-            "{} failed ({s}) compiling src/layers/gpu/kernels.cu",
+            "{} failed ({s}) compiling src/layers/cuda/kernels.cu",
             nvcc.display()
         ),
         Err(e) => panic!(

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{BatchNormRelu, Conv2d};
+use crate::layers::{BatchNormRelu, Conv2d, Kernels};
 use crate::model::{Model, ModelError};
 use crate::optim::{Sgd, SgdConfig};
 use crate::weights::{Parameters, WeightsError};
@@ -89,10 +89,11 @@ pub fn bench_model(
     dna: &Dna,
     config: &BenchConfig,
     device: &Device,
+    kernels: &Kernels,
 ) -> Result<ModelFigures, BenchError> {
     // On the threads a worker's training gets (all of them: one training at a time here).
     crate::threads::run_on_cpu_pool(device, crate::threads::cpu_share(1), || {
-        bench_model_here(name, dna, config, device)
+        bench_model_here(name, dna, config, device, kernels)
     })?
 }
 
@@ -101,16 +102,22 @@ fn bench_model_here(
     dna: &Dna,
     config: &BenchConfig,
     device: &Device,
+    kernels: &Kernels,
 ) -> Result<ModelFigures, BenchError> {
     let spec = ModelSpec::cifar(10);
     let (model, _) = Model::build(dna, spec, None, &mut rng(0, Stream::Initialisation), device)?;
-    let mut sgd = Sgd::new(model.trainable().to_vec(), SgdConfig::paper(1e-3))?;
+    let model = model.with_kernels(*kernels);
+    let sgd_config = SgdConfig {
+        kernels: *kernels,
+        ..SgdConfig::paper(1e-3)
+    };
+    let mut sgd = Sgd::new(model.trainable().to_vec(), sgd_config)?;
     let (images, labels) = random_batch(config.batch, spec.classes, device)?;
     let (mut forward, mut backward, mut optimizer) = (0.0, 0.0, 0.0);
     for step in 0..config.warmup + config.steps {
         let t0 = Instant::now();
         let logits = model.forward_t(&images, true)?;
-        let loss = crate::layers::cross_entropy(&logits, &labels)?;
+        let loss = crate::layers::cross_entropy(&logits, &labels, kernels)?;
         sync(device)?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
@@ -195,7 +202,11 @@ pub const OP_CONVOLUTIONS: [OpConvolution; 8] = [
     (64, 128, 16, (3, 3), 1),
 ];
 
-pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>, BenchError> {
+pub fn bench_ops(
+    config: &BenchConfig,
+    device: &Device,
+    kernels: &Kernels,
+) -> Result<Vec<OpFigures>, BenchError> {
     let mut out = Vec::new();
     let mut r = rng(0, Stream::Initialisation);
     let mut params = Parameters::new(None, &mut r, device);
@@ -231,7 +242,7 @@ pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>
             ),
             config,
             device,
-            || conv.forward(x.as_tensor()),
+            || conv.forward(x.as_tensor(), kernels),
         )?);
     }
     for (channels, side) in [(64, 32), (128, 16), (256, 8)] {
@@ -241,7 +252,7 @@ pub fn bench_ops(config: &BenchConfig, device: &Device) -> Result<Vec<OpFigures>
             format!("batch norm train [{b},{channels},{side},{side}]"),
             config,
             device,
-            || bn.forward_t(x.as_tensor(), true),
+            || bn.forward_t(x.as_tensor(), true, kernels),
         )?);
     }
     Ok(out)
@@ -251,15 +262,16 @@ pub fn run(
     dnas: &[(String, Dna)],
     config: &BenchConfig,
     device: &Device,
+    kernels: &Kernels,
     ops: bool,
 ) -> Result<Report, BenchError> {
     let mut models = Vec::new();
     for (name, dna) in dnas {
         tracing::info!(model = %name, "benchmarking");
-        models.push(bench_model(name, dna, config, device)?);
+        models.push(bench_model(name, dna, config, device, kernels)?);
     }
     let ops = if ops {
-        bench_ops(config, device)?
+        bench_ops(config, device, kernels)?
     } else {
         Vec::new()
     };
@@ -405,6 +417,7 @@ mod tests {
             &[("linear".into(), Dna::initial())],
             &config,
             &Device::Cpu,
+            &Kernels::default(),
             false,
         )
         .unwrap();

@@ -15,6 +15,7 @@ use population::stop::StopFlag;
 
 use crate::data::Split;
 use crate::device;
+use crate::layers::Kernels;
 use crate::model::{Model, ModelError};
 use crate::threads;
 use crate::train::{self, TrainConfig, TrainError};
@@ -66,6 +67,7 @@ pub struct CandleTrainer {
     /// Threads per training on the CPU ([`crate::threads`]): the cores shared out between
     /// the worker loops that use this trainer at once ([`crate::threads::cpu_share`]).
     pub cpu_threads: usize,
+    pub kernels: Kernels,
 }
 
 impl ChildTrainer for CandleTrainer {
@@ -94,6 +96,7 @@ impl CandleTrainer {
             &mut seed::rng(job.seed, Stream::Initialisation),
             &self.device,
         )?;
+        let model = model.with_kernels(self.kernels);
         let config = TrainConfig {
             seed: job.seed,
             ..self.config
@@ -165,6 +168,7 @@ impl CandleTrainer {
             device,
             tf32: spec.tf32,
             cpu_threads: threads::cpu_share(loops),
+            kernels: Kernels::default(),
         }
     }
 }

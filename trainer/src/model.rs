@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor, Var};
 use rand::Rng;
 
-use crate::layers::{BatchNormRelu, Conv2d, Linear, Resize};
+use crate::layers::{BatchNormRelu, Conv2d, Kernels, Linear, Resize};
 use crate::weights::{Inheritance, ModelVars, Parameters, Weights, WeightsError};
 use population::dna::{Activation, Dna, DnaError, EdgeKind, ModelSpec, Shape3};
 use population::mutation::Child;
@@ -37,6 +37,7 @@ pub struct Model {
     classifier: Linear,
     vars: ModelVars,
     shapes: Vec<Shape3>,
+    kernels: Kernels,
 }
 
 impl Model {
@@ -97,6 +98,7 @@ impl Model {
                 classifier,
                 vars,
                 shapes,
+                kernels: Kernels::default(),
             },
             inheritance,
         ))
@@ -115,6 +117,16 @@ impl Model {
         Self::build(&child.dna, spec, parent, rng, device)
     }
 
+    /// The same model running `kernels` (the device's own by default).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
     /// Logits `[batch, classes]`. `train` selects batch statistics (and updates the running
     /// averages) over the running averages.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
@@ -124,18 +136,18 @@ impl Model {
             let input = &values[op.from];
             let mut v = match &op.edge {
                 EdgeOp::Identity => input.clone(),
-                EdgeOp::Convolution(conv) => conv.forward(input)?,
+                EdgeOp::Convolution(conv) => conv.forward(input, &self.kernels)?,
             };
             for (source, resize) in &op.skips {
-                v = resize.add_to(&v, &values[*source])?;
+                v = resize.add_to(&v, &values[*source], &self.kernels)?;
             }
             if let Some(bn) = &op.batch_norm {
-                v = bn.forward_t(&v, train)?;
+                v = bn.forward_t(&v, train, &self.kernels)?;
             }
             values.push(v);
         }
         self.classifier
-            .forward(values.last().expect("at least the input"))
+            .forward(values.last().expect("at least the input"), &self.kernels)
     }
 
     pub fn trainable(&self) -> &[Var] {

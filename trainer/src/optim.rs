@@ -11,13 +11,15 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use candle_nn::Optimizer;
 
-use crate::layers::{cpu::contiguous, path, Path};
+use crate::layers::{cpu::contiguous, Kernels, Path};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdConfig {
     pub learning_rate: f64,
     pub momentum: f64,
     pub weight_decay: f64,
+    /// The model's kernels: whether the update runs as fused kernels or Candle's operations.
+    pub kernels: Kernels,
 }
 
 impl SgdConfig {
@@ -27,6 +29,7 @@ impl SgdConfig {
             learning_rate,
             momentum: 0.9,
             weight_decay: 1e-4,
+            kernels: Kernels::default(),
         }
     }
 }
@@ -55,7 +58,8 @@ impl Optimizer for Sgd {
             let Some(grad) = grads.get(var) else {
                 continue;
             };
-            if path(var.device()) != Path::Composed && self.config.momentum != 0.0 {
+            let fused = self.config.kernels.path(var.device()) != Path::Composed;
+            if fused && self.config.momentum != 0.0 {
                 update_fused(var, grad, velocity, &self.config)?;
             } else {
                 update_composed(var, grad, velocity, &self.config)?;
@@ -168,7 +172,7 @@ impl InplaceOp3 for Velocity {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<()> {
-        use crate::layers::gpu::cuda::{elementwise, launch, u32_of, view, view_mut};
+        use crate::layers::cuda::launch::{elementwise, launch, u32_of, view, view_mut};
         let device = s1.device.clone();
         let g = view(s2, l2, "gradient")?;
         let w = view(s3, l3, "weights")?;
@@ -222,7 +226,7 @@ impl InplaceOp2 for Descent {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        use crate::layers::gpu::cuda::{elementwise, launch, u32_of, view, view_mut};
+        use crate::layers::cuda::launch::{elementwise, launch, u32_of, view, view_mut};
         let device = s1.device.clone();
         let v = view(s2, l2, "velocity")?;
         let n = u32_of(l1.shape().elem_count(), "weights")?;
@@ -268,6 +272,7 @@ mod tests {
             learning_rate: 0.05,
             momentum: 0.9,
             weight_decay: 1e-4,
+            kernels: Kernels::default(),
         };
         let start = Tensor::randn(0f32, 1., (7, 5), &d).unwrap();
         let fused = Var::from_tensor(&start).unwrap();
@@ -311,6 +316,7 @@ mod tests {
             learning_rate: 0.1,
             momentum: 0.9,
             weight_decay: 0.01,
+            kernels: Kernels::default(),
         };
         let mut sgd = Sgd::new(vec![w.clone()], config).unwrap();
         let loss = |w: &Var| (w.as_tensor() * &x).unwrap().sum_all().unwrap();

@@ -96,6 +96,7 @@ pub fn train(
             learning_rate,
             momentum: config.momentum,
             weight_decay: config.weight_decay,
+            kernels: *model.kernels(),
         },
     )
     .map_err(|source| TrainError::Step { step: 0, source })?;
@@ -117,7 +118,8 @@ pub fn train(
         let err = move |source| TrainError::Step { step: at, source };
         let batch = batches.next_batch(config.batch_size, device).map_err(err)?;
         let logits = model.forward_t(&batch.images, true).map_err(err)?;
-        let loss = crate::layers::cross_entropy(&logits, &batch.labels).map_err(err)?;
+        let loss =
+            crate::layers::cross_entropy(&logits, &batch.labels, model.kernels()).map_err(err)?;
         optimizer.backward_step(&loss).map_err(err)?;
         window = (window + loss.detach()).map_err(err)?;
         window_len += 1;

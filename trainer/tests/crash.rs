@@ -12,6 +12,7 @@ use population::stop::{watch_for_stop, StopFlag};
 use population::store::{FileStore, Population};
 use trainer::child::CandleTrainer;
 use trainer::data::{fixture, Split};
+use trainer::layers::Kernels;
 use trainer::train::TrainConfig;
 use trainer::weights::Weights;
 use trainer::worker::{self, WorkerSettings};
@@ -120,6 +121,7 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
         tf32: false,
         // The two survivors below.
         cpu_threads: trainer::threads::cpu_share(2),
+        kernels: Kernels::default(),
     });
     let stop = Arc::new(StopFlag::default());
     let survivors = tokio::spawn(watch_for_stop(

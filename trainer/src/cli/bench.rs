@@ -10,8 +10,9 @@ use candle_core::Device;
 use clap::Args as ClapArgs;
 use population::dna::Dna;
 use trainer::bench::{self, BenchConfig};
+use trainer::layers::Kernels;
 
-use super::flags::DeviceFlag;
+use super::flags::{DeviceFlag, KernelFlags};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -39,6 +40,8 @@ pub struct Args {
     /// The default device is the CPU.
     #[command(flatten)]
     device: DeviceFlag,
+    #[command(flatten)]
+    kernels: KernelFlags,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -53,7 +56,6 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let device = args.device.open("cpu")?;
-    trainer::layers::use_composed_only(args.composed);
     if args.tf32 {
         if !device.is_cuda() {
             bail!("--tf32 needs a CUDA device");
@@ -67,7 +69,12 @@ pub fn run(args: Args) -> Result<()> {
         warmup: args.warmup,
         eval_batch: args.eval_batch,
     };
-    let mut report = bench::run(&dnas, &config, &device, args.ops)?;
+    let kernels = if args.composed {
+        Kernels::COMPOSED
+    } else {
+        args.kernels.kernels()
+    };
+    let mut report = bench::run(&dnas, &config, &device, &kernels, args.ops)?;
     if args.composed {
         report.implementation.push_str(" (composed ops)");
     }

@@ -5,19 +5,21 @@
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 
-use super::flags::DeviceFlag;
+use super::flags::{DeviceFlag, KernelFlags};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// The default device is auto.
     #[command(flatten)]
     device: DeviceFlag,
+    #[command(flatten)]
+    kernels: KernelFlags,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let device = args.device.open("auto")?;
     let device_name = trainer::device::name(&device);
-    let results = trainer::layers::gpu::check::run(&device)
+    let results = trainer::layers::cuda::check::run(&device, &args.kernels.kernels())
         .with_context(|| format!("checking the kernels on {device_name}"))?;
     let mut failed = 0;
     for c in &results {

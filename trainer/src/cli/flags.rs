@@ -9,6 +9,7 @@ use candle_core::Device;
 use clap::Args;
 use crds::Experiment;
 use population::store::{self, Population};
+use trainer::layers::{CudaConvolution, Kernels};
 
 /// How to reach an S3 store named on the command line (ignored for `file://` stores).
 #[derive(Args, Debug)]
@@ -54,6 +55,28 @@ impl DeviceFlag {
         Ok(trainer::device::open(
             self.device.as_deref().unwrap_or(default),
         )?)
+    }
+}
+
+/// How the CUDA path's convolutions run (ignored on the CPU).
+#[derive(Args, Debug)]
+pub struct KernelFlags {
+    /// gemm (im2col + cuBLAS) or cudnn (a build with the cudnn feature).
+    #[arg(long, env = "CAMBRIAN_CONV", default_value_t = CudaConvolution::Gemm)]
+    pub cuda_conv: CudaConvolution,
+    /// Sample groups of the GEMM convolutions (1: never group); default: chosen by shape.
+    #[arg(long, env = "CAMBRIAN_CONV_GROUPS")]
+    pub conv_groups: Option<usize>,
+}
+
+impl KernelFlags {
+    /// The device's own kernels, with these convolutions.
+    pub fn kernels(&self) -> Kernels {
+        Kernels {
+            path: None,
+            cuda_convolution: self.cuda_conv,
+            conv_groups: self.conv_groups,
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use trainer::child::CandleTrainer;
 use trainer::data::{source, Split};
 use trainer::worker::{self, WorkerSettings};
 
-use super::flags::{DataFlag, DeviceFlag};
+use super::flags::{DataFlag, DeviceFlag, KernelFlags};
 use super::report::{write_report, ReportTarget};
 
 #[derive(ClapArgs, Debug)]
@@ -36,6 +36,8 @@ pub struct Args {
     /// The default device is the manifest's spec.worker.device, else auto.
     #[command(flatten)]
     device: DeviceFlag,
+    #[command(flatten)]
+    kernels: KernelFlags,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -75,12 +77,15 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let stop = Arc::new(StopFlag::default());
-    let trainer = Arc::new(CandleTrainer::for_spec(
-        &spec.training,
-        Arc::new(split),
-        device,
-        spec.workers() as usize,
-    ));
+    let trainer = Arc::new(CandleTrainer {
+        kernels: args.kernels.kernels(),
+        ..CandleTrainer::for_spec(
+            &spec.training,
+            Arc::new(split),
+            device,
+            spec.workers() as usize,
+        )
+    });
     let watcher = tokio::spawn(watch_for_stop(
         population.clone(),
         record.clone(),

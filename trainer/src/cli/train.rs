@@ -15,7 +15,7 @@ use trainer::model::Model;
 use trainer::train::{self, TrainConfig};
 use trainer::weights::Weights;
 
-use super::flags::{DataFlag, DeviceFlag};
+use super::flags::{DataFlag, DeviceFlag, KernelFlags};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -55,6 +55,8 @@ pub struct Args {
     /// The default device is the CPU.
     #[command(flatten)]
     device: DeviceFlag,
+    #[command(flatten)]
+    kernels: KernelFlags,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -80,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
         &mut seed::rng(args.seed, Stream::Initialisation),
         &device,
     )?;
+    let model = model.with_kernels(args.kernels.kernels());
     tracing::info!(
         dna = %dna.summary(),
         parameters = model.parameter_count(),

@@ -13,7 +13,7 @@ use trainer::child::CandleTrainer;
 use trainer::data::{source, Split};
 use trainer::worker::{self, WorkerSettings};
 
-use super::flags::{DataFlag, DeviceFlag, ExperimentFlags};
+use super::flags::{DataFlag, DeviceFlag, ExperimentFlags, KernelFlags};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -27,6 +27,8 @@ pub struct Args {
     /// The default device is auto.
     #[command(flatten)]
     device: DeviceFlag,
+    #[command(flatten)]
+    kernels: KernelFlags,
     /// Worker loops in this process, sharing its device (several small models can share one
     /// GPU).
     #[arg(long, env = "CAMBRIAN_WORKER_LOOPS", default_value_t = 1)]
@@ -78,12 +80,10 @@ pub async fn run(args: Args) -> Result<()> {
         });
     }
     let count = args.loops.max(1);
-    let trainer = Arc::new(CandleTrainer::for_spec(
-        &spec.training,
-        Arc::new(split),
-        device,
-        count as usize,
-    ));
+    let trainer = Arc::new(CandleTrainer {
+        kernels: args.kernels.kernels(),
+        ..CandleTrainer::for_spec(&spec.training, Arc::new(split), device, count as usize)
+    });
     let seed_base = base
         .bytes()
         .fold(spec.seed, |h, b| h.rotate_left(5) ^ u64::from(b));

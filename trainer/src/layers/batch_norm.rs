@@ -2,12 +2,13 @@
 //! channels of `[batch, channels, height, width]` activations, with PyTorch's conventions
 //! (momentum 0.1 for the running averages, unbiased running variance, eps 1e-5) so that the
 //! PyTorch reference model computes the same function. On the CPU it runs as one fused kernel
-//! (`layers::cpu::batch_norm`), on CUDA as four kernels (`layers::gpu::batch_norm`), elsewhere
+//! (`layers::cpu::batch_norm`), on CUDA as four kernels (`layers::cuda::batch_norm`), elsewhere
 //! as Candle's composed operations.
 
 use candle_core::{Result, Tensor, Var};
 
 use super::cpu::batch_norm::{BatchNormReluEval, BatchNormReluTrain};
+use super::{Kernels, Path};
 use crate::weights::{Init, Parameters, WeightsError};
 
 const MOMENTUM: f64 = 0.1;
@@ -70,23 +71,18 @@ impl BatchNormRelu {
 
     /// Training mode normalises with the batch's statistics and updates the running averages;
     /// evaluation mode uses the running averages only.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_on(x, train, super::path(x.device()))
-    }
-
-    /// The forward pass on a chosen path (the tests and `layers::gpu::check` compare them).
-    pub fn forward_on(&self, x: &Tensor, train: bool, path: super::Path) -> Result<Tensor> {
-        match path {
-            super::Path::Cpu => self.forward_cpu(x, train),
-            super::Path::Gpu => self.forward_gpu(x, train),
-            super::Path::Composed => self.forward_composed(x, train)?.relu(),
+    pub fn forward_t(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Result<Tensor> {
+        match kernels.path(x.device()) {
+            Path::Cpu => self.forward_cpu(x, train),
+            Path::Cuda => self.forward_cuda(x, train),
+            Path::Composed => self.forward_composed(x, train)?.relu(),
         }
     }
 
-    /// The GPU path (`layers::gpu::batch_norm`): statistics, running averages and the
+    /// The GPU path (`layers::cuda::batch_norm`): statistics, running averages and the
     /// normalisation all stay on the device, so a step never waits for it.
-    pub fn forward_gpu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        use super::gpu::batch_norm::{Eval, Statistics, TrainForward};
+    pub fn forward_cuda(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        use super::cuda::batch_norm::{Eval, Statistics, TrainForward};
         let x = x.contiguous()?;
         if !train {
             let (scale, shift) = self.running_scale_shift()?;
@@ -256,7 +252,9 @@ mod tests {
                 Var::from_tensor(&Tensor::randn(0.5f32, 2., (n, c, h, w), &Device::Cpu).unwrap())
                     .unwrap();
             let g = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu).unwrap();
-            let a = fused.forward_t(x.as_tensor(), true).unwrap();
+            let a = fused
+                .forward_t(x.as_tensor(), true, &Kernels::default())
+                .unwrap();
             let b = composed
                 .forward_composed(x.as_tensor(), true)
                 .unwrap()
@@ -294,7 +292,9 @@ mod tests {
                     (n, c, h, w)
                 );
             }
-            let ea = fused.forward_t(x.as_tensor(), false).unwrap();
+            let ea = fused
+                .forward_t(x.as_tensor(), false, &Kernels::default())
+                .unwrap();
             let eb = composed
                 .forward_composed(x.as_tensor(), false)
                 .unwrap()

@@ -1,10 +1,12 @@
 //! A convolution padded "same": odd filters centred on each pixel, so that stride `s` maps a
 //! side of `n` pixels to `ceil(n / s)` whatever the filter size (§3.2's shapes depend only on
-//! strides and channels). On the CPU it runs as im2col + GEMM (`layers::cpu::conv`), on
-//! CUDA as im2col + cuBLAS (`layers::gpu::conv`), elsewhere as Candle's convolution.
+//! strides and channels). On the CPU it runs as im2col + GEMM or Winograd
+//! (`layers::cpu::conv`), on CUDA as im2col + cuBLAS or cuDNN (`layers::cuda::conv`),
+//! elsewhere as Candle's convolution.
 
 use candle_core::{Result, Tensor, Var};
 
+use super::{Geometry, Kernels, Path};
 use crate::weights::{Init, Parameters};
 
 #[derive(Clone, Debug)]
@@ -48,12 +50,7 @@ impl Conv2d {
         &self.bias
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_on(x, super::path(x.device()))
-    }
-
-    /// The forward pass on a chosen path (the tests and `layers::gpu::check` compare them).
-    pub fn forward_on(&self, x: &Tensor, path: super::Path) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let (_, _, fh, fw) = self.weight.dims4()?;
         // Taps further than (side - 1) from the centre only ever meet padding: a filter larger
@@ -67,27 +64,27 @@ impl Conv2d {
             .narrow(2, (fh - kh) / 2, kh)?
             .narrow(3, (fw - kw) / 2, kw)?;
         let (ph, pw) = ((kh - 1) / 2, (kw - 1) / 2);
-        let geometry = super::cpu::conv::Geometry {
+        let geometry = Geometry {
             stride: self.stride,
             pad_h: ph,
             pad_w: pw,
         };
-        match path {
-            super::Path::Cpu => x.contiguous()?.apply_op3(
+        match kernels.path(x.device()) {
+            Path::Cpu => x.contiguous()?.apply_op3(
                 &weight.contiguous()?,
                 self.bias.as_tensor(),
                 super::cpu::conv::Conv2d { geometry },
             ),
             // The images (a tensor without gradient) need no input gradient.
-            super::Path::Gpu => super::gpu::conv::conv2d(
+            Path::Cuda => super::cuda::conv::conv2d(
                 x,
                 &weight,
                 self.bias.as_tensor(),
                 geometry,
                 x.track_op(),
-                None,
+                kernels,
             ),
-            super::Path::Composed => self.composed(x, &weight, ph, pw),
+            Path::Composed => self.composed(x, &weight, ph, pw),
         }
     }
 
@@ -121,9 +118,19 @@ mod tests {
     #[test]
     fn same_padding_shapes() {
         let x = Tensor::ones((4, 2, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert_eq!(conv((3, 3), 1).forward(&x).unwrap().dims(), &[4, 3, 7, 7]);
-        assert_eq!(conv((3, 5), 2).forward(&x).unwrap().dims(), &[4, 3, 4, 4]);
-        assert_eq!(conv((1, 9), 4).forward(&x).unwrap().dims(), &[4, 3, 2, 2]);
+        let k = Kernels::default();
+        assert_eq!(
+            conv((3, 3), 1).forward(&x, &k).unwrap().dims(),
+            &[4, 3, 7, 7]
+        );
+        assert_eq!(
+            conv((3, 5), 2).forward(&x, &k).unwrap().dims(),
+            &[4, 3, 4, 4]
+        );
+        assert_eq!(
+            conv((1, 9), 4).forward(&x, &k).unwrap().dims(),
+            &[4, 3, 2, 2]
+        );
     }
 
     #[test]
@@ -134,7 +141,7 @@ mod tests {
             .unwrap()
             .reshape((2, 2, 2, 2))
             .unwrap();
-        let y = big.forward(&x).unwrap();
+        let y = big.forward(&x, &Kernels::default()).unwrap();
         // The definition: pad by 4 on every side and convolve with the whole filter.
         let reference = x
             .pad_with_zeros(2, 4, 4)

@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
+use super::{Kernels, Path};
 use crate::weights::{Init, Parameters, WeightsError};
 
 #[derive(Clone, Debug)]
@@ -31,10 +32,10 @@ impl Linear {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
         let x = x.flatten_from(1)?;
-        match super::path(x.device()) {
-            super::Path::Cpu => x.contiguous()?.apply_op3(
+        match kernels.path(x.device()) {
+            Path::Cpu => x.contiguous()?.apply_op3(
                 self.weight.as_tensor(),
                 self.bias.as_tensor(),
                 super::cpu::linear::Linear,

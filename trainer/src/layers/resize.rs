@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu::skip::{Fit, SkipAdd};
+use super::{Kernels, Path};
 use population::dna::Shape3;
 
 #[derive(Clone, Debug)]
@@ -54,15 +55,15 @@ impl Resize {
 
     /// `v + self.forward(s)`: the skip's contribution added to the vertex's sum. One fused op
     /// on the CPU path; Candle's operations elsewhere.
-    pub fn add_to(&self, v: &Tensor, s: &Tensor) -> Result<Tensor> {
-        match super::path(v.device()) {
-            super::Path::Cpu => v.contiguous()?.apply_op2(
+    pub fn add_to(&self, v: &Tensor, s: &Tensor, kernels: &Kernels) -> Result<Tensor> {
+        match kernels.path(v.device()) {
+            Path::Cpu => v.contiguous()?.apply_op2(
                 &s.contiguous()?,
                 SkipAdd {
                     fit: self.fit.clone(),
                 },
             ),
-            super::Path::Gpu | super::Path::Composed => v + self.forward(s)?,
+            Path::Cuda | Path::Composed => v + self.forward(s)?,
         }
     }
 
@@ -186,9 +187,10 @@ mod tests {
         let resize = Resize::new(shape(2, 8, 8), shape(2, 4, 4), &d).unwrap();
         let v = Tensor::zeros((1, 2, 4, 4), DType::F32, &d).unwrap();
         let wrong_source = Tensor::zeros((1, 2, 3, 3), DType::F32, &d).unwrap();
-        assert!(resize.add_to(&v, &wrong_source).is_err());
+        let k = Kernels::default();
+        assert!(resize.add_to(&v, &wrong_source, &k).is_err());
         let wrong_target = Tensor::zeros((1, 2, 5, 4), DType::F32, &d).unwrap();
         let source = Tensor::zeros((1, 2, 8, 8), DType::F32, &d).unwrap();
-        assert!(resize.add_to(&wrong_target, &source).is_err());
+        assert!(resize.add_to(&wrong_target, &source, &k).is_err());
     }
 }

@@ -20,7 +20,7 @@ macro_rules! launch {
     ($device:expr, $name:literal, $config:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
         use candle_core::cuda_backend::WrapErr as _;
-        let func = $device.get_or_load_custom_func($name, $crate::layers::gpu::cuda::MODULE, $crate::layers::gpu::cuda::PTX)?;
+        let func = $device.get_or_load_custom_func($name, $crate::layers::cuda::launch::MODULE, $crate::layers::cuda::launch::PTX)?;
         let mut args = func.builder();
         $( args.arg($arg); )+
         // SAFETY: the call site passes the kernel's parameters (see the macro's doc).

@@ -39,7 +39,7 @@ impl CustomOp1 for Statistics {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{launch, output, per_channel, per_channel_combine, u32_of, view, wrap};
+        use super::launch::{launch, output, per_channel, per_channel_combine, u32_of, view, wrap};
         let device = &storage.device;
         let x = view(storage, layout, "batch norm input")?;
         let (n, c, plane) = dims(layout)?;
@@ -113,7 +113,7 @@ impl CustomOp3 for TrainForward {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::held_view;
+        use super::launch::held_view;
         let (scale, scale_layout) = self.scale.storage_and_layout();
         let (shift, shift_layout) = self.shift.storage_and_layout();
         scale_shift_relu_cuda(
@@ -159,7 +159,7 @@ fn scale_shift_relu_cuda(
     scale: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
     shift: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
-    use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
+    use super::launch::{elementwise, launch, output, u32_of, view, wrap};
     let device = &storage.device;
     let x = view(storage, layout, "batch norm input")?;
     let (_, c, plane) = dims(layout)?;
@@ -231,7 +231,7 @@ impl CustomOp3 for Backward {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{
+        use super::launch::{
             elementwise, held_view, launch, output, per_channel, per_channel_combine, u32_of, view,
             wrap,
         };
@@ -327,7 +327,7 @@ impl CustomOp3 for Eval {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::view;
+        use super::launch::view;
         let scale = view(s2, l2, "batch norm scale")?;
         let shift = view(s3, l3, "batch norm shift")?;
         scale_shift_relu_cuda(s1, l1, &scale, &shift)

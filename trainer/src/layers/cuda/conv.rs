@@ -23,7 +23,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::layers::cpu::contiguous;
-use crate::layers::cpu::conv::Geometry;
+use crate::layers::{CudaConvolution, Geometry, Kernels};
 
 /// The sizes of one convolution, as the kernels take them (`Conv` in kernels.cu).
 #[repr(C)]
@@ -96,19 +96,12 @@ impl Dims {
     }
 }
 
-/// The number of sample groups. Measured on an H200 at batch 256 (`trainer bench --ops`):
-/// grouping helped the first layer's weight gradient (Cout×K = 64×27, one 64×64 output tile:
-/// 0.44 ms in 256 groups against 0.72 ms in one) and hurt layers with 18 or more tiles
-/// (64→128: 1.58 against 1.39 ms; 128→256: 1.08 against 0.96 ms). So only outputs of fewer
-/// than 8 tiles are grouped, into about 256 tiles in all, as a divisor of the batch.
-/// `CAMBRIAN_CONV_GROUPS` overrides the choice (1: never group).
-fn groups_for(n: usize, cout: usize, taps: usize) -> usize {
-    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let forced = *OVERRIDE.get_or_init(|| {
-        std::env::var("CAMBRIAN_CONV_GROUPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
+/// The number of sample groups, a divisor of the batch: `forced` if the model's kernels say
+/// so, else by shape. Grouping pays where the weight gradient's output is a few 64×64 tiles
+/// (a first layer's Cout×K), which one GEMM would run on a few SMs, and costs where there
+/// are many; so only outputs of fewer than 8 tiles are grouped, into about 256 tiles in all
+/// (figures: docs/PERFORMANCE.md, GPU kernels).
+fn groups_for(n: usize, cout: usize, taps: usize, forced: Option<usize>) -> usize {
     let tiles = cout.div_ceil(64) * taps.div_ceil(64);
     let target = match forced {
         Some(g) => g,
@@ -146,7 +139,7 @@ impl CustomOp1 for Im2Col {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
+        use super::launch::{elementwise, launch, output, u32_of, view, wrap};
         let device = &storage.device;
         let x = view(storage, layout, "convolution input")?;
         let d = self.dims;
@@ -193,7 +186,7 @@ impl CustomOp1 for Col2Im {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
+        use super::launch::{elementwise, launch, output, u32_of, view, wrap};
         let device = &storage.device;
         let dcols = view(storage, layout, "column gradient")?;
         let d = self.dims;
@@ -262,7 +255,7 @@ impl CustomOp3 for Convolution {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{elementwise, held_view, launch, output, u32_of, view, wrap};
+        use super::launch::{elementwise, held_view, launch, output, u32_of, view, wrap};
         let device = &s1.device;
         let bias = view(s3, l3, "convolution bias")?;
         let elements = self.shape().elem_count();
@@ -337,27 +330,27 @@ impl Convolution {
     }
 }
 
-/// Whether convolutions go through cuDNN (`CAMBRIAN_CONV=cudnn`, in a build with the `cudnn`
-/// feature) rather than im2col + cuBLAS.
-#[cfg(feature = "cudnn")]
-fn cudnn_selected() -> bool {
-    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SELECTED.get_or_init(|| std::env::var("CAMBRIAN_CONV").is_ok_and(|v| v == "cudnn"))
-}
-
 /// y = conv(x, weight) + bias with explicit zero padding per side; `input_grad` false when
-/// nothing needs the gradient of `x`; `groups` None to choose the sample groups by shape.
+/// nothing needs the gradient of `x`. `kernels` says whether a GPU runs it through cuDNN and
+/// how many sample groups the GEMMs use; forced groups always take the GEMMs.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     g: Geometry,
     input_grad: bool,
-    groups: Option<usize>,
+    kernels: &Kernels,
 ) -> Result<Tensor> {
+    let cudnn = kernels.cuda_convolution == CudaConvolution::Cudnn
+        && kernels.conv_groups.is_none()
+        && x.device().is_cuda();
     #[cfg(feature = "cudnn")]
-    if groups.is_none() && x.device().is_cuda() && cudnn_selected() {
+    if cudnn {
         return super::cudnn::conv2d(x, weight, bias, g, input_grad);
+    }
+    #[cfg(not(feature = "cudnn"))]
+    if cudnn {
+        candle_core::bail!("cuDNN convolutions need a build with the cudnn feature");
     }
     let x = x.contiguous()?;
     let weight = weight.contiguous()?;
@@ -365,7 +358,7 @@ pub fn conv2d(
     let kernel = weight.dims4()?;
     let (cout, _, kh, kw) = kernel;
     let (oh, ow) = g.output_size((n, cin, h, w), kernel)?;
-    let groups = groups.unwrap_or_else(|| groups_for(n, cout, cin * kh * kw));
+    let groups = groups_for(n, cout, cin * kh * kw, kernels.conv_groups);
     if groups == 0 || !n.is_multiple_of(groups) {
         candle_core::bail!("conv2d: {groups} groups do not divide a batch of {n}");
     }

@@ -1,12 +1,12 @@
-//! The GPU path against Candle's composed operations, on fresh random inputs of varied shapes:
-//! outputs, running statistics and gradients. The default tests run it on the CPU (where the
-//! ops run their CPU twins); `trainer check-ops --device cuda` runs it on a GPU, where it
-//! checks the CUDA kernels themselves.
+//! The CUDA path against Candle's composed operations, on fresh random inputs of varied
+//! shapes: outputs, running statistics and gradients. The default tests run it on the CPU
+//! (where the ops run their reference twins); `trainer check-ops --device cuda` runs it on a
+//! GPU, where it checks the CUDA kernels themselves.
 
 use candle_core::{Device, Result, Tensor, Var};
 use serde::Serialize;
 
-use crate::layers::{BatchNormRelu, Conv2d, Path};
+use crate::layers::{BatchNormRelu, Conv2d, Kernels, Path};
 use crate::weights::Parameters;
 use population::seed::{rng, Stream};
 
@@ -42,8 +42,13 @@ fn compare(name: String, ours: &Tensor, reference: &Tensor, tolerance: f32) -> R
     })
 }
 
-/// Every check, on `device`.
-pub fn run(device: &Device) -> Result<Vec<Comparison>> {
+/// Every check, on `device`, with the CUDA path's convolutions as `kernels` say (GEMMs or
+/// cuDNN).
+pub fn run(device: &Device, kernels: &Kernels) -> Result<Vec<Comparison>> {
+    let ours = Kernels {
+        path: Some(Path::Cuda),
+        ..*kernels
+    };
     let mut out = Vec::new();
     // (batch, in, height, width, out, filter, stride): odd sizes, strides that do not divide
     // the side, a 1x1 and a 9x9 filter (larger than the map, so narrowed to its centre),
@@ -59,35 +64,51 @@ pub fn run(device: &Device) -> Result<Vec<Comparison>> {
     for (i, &(n, cin, h, w, cout, filter, stride)) in convolutions.iter().enumerate() {
         let seed = i as u64 + 1;
         let name = format!("conv {n}x{cin}x{h}x{w} -> {cout}, {filter:?} stride {stride}");
-        out.extend(convolution(
-            device,
-            seed,
-            name,
-            (n, cin, h, w),
+        let case = ConvolutionCase {
+            input: (n, cin, h, w),
             cout,
             filter,
             stride,
-        )?);
+        };
+        out.extend(convolution(device, &ours, seed, name, case)?);
     }
     for (i, &(n, c, h, w)) in [(4, 3, 5, 5), (2, 8, 1, 1), (16, 16, 8, 8), (1, 2, 3, 7)]
         .iter()
         .enumerate()
     {
         let name = format!("batch norm {n}x{c}x{h}x{w}");
-        out.extend(batch_norm(device, i as u64 + 11, name, (n, c, h, w))?);
+        out.extend(batch_norm(
+            device,
+            &ours,
+            i as u64 + 11,
+            name,
+            (n, c, h, w),
+        )?);
     }
     Ok(out)
 }
 
-fn convolution(
-    device: &Device,
-    seed: u64,
-    name: String,
+/// One convolution to check: input [N, Cin, H, W], output channels, filter, stride.
+struct ConvolutionCase {
     input: (usize, usize, usize, usize),
     cout: usize,
     filter: (usize, usize),
     stride: usize,
+}
+
+fn convolution(
+    device: &Device,
+    kernels: &Kernels,
+    seed: u64,
+    name: String,
+    case: ConvolutionCase,
 ) -> Result<Vec<Comparison>> {
+    let ConvolutionCase {
+        input,
+        cout,
+        filter,
+        stride,
+    } = case;
     let mut r = rng(seed, Stream::Initialisation);
     let mut params = Parameters::new(None, &mut r, device);
     let conv = Conv2d::new(&mut params, "c", input.1, cout, filter, stride)
@@ -95,8 +116,8 @@ fn convolution(
     // A non-zero bias, so that its gradient and addition are tested.
     conv.bias().set(&Tensor::randn(0f32, 1., cout, device)?)?;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., input, device)?)?;
-    let ours = conv.forward_on(x.as_tensor(), Path::Gpu)?;
-    let reference = conv.forward_on(x.as_tensor(), Path::Composed)?;
+    let ours = conv.forward(x.as_tensor(), kernels)?;
+    let reference = conv.forward(x.as_tensor(), &Kernels::COMPOSED)?;
     let probe = Tensor::randn(0f32, 1., reference.shape(), device)?;
     let g_ours = (&ours * &probe)?.sum_all()?.backward()?;
     let g_ref = (&reference * &probe)?.sum_all()?.backward()?;
@@ -124,7 +145,7 @@ fn convolution(
     // Without sample groups (one GEMM per pass), where the filter fits the image unnarrowed.
     let (kh, kw) = filter;
     if kh < 2 * input.2 && kw < 2 * input.3 {
-        let geometry = crate::layers::cpu::conv::Geometry {
+        let geometry = crate::layers::Geometry {
             stride,
             pad_h: (kh - 1) / 2,
             pad_w: (kw - 1) / 2,
@@ -135,7 +156,10 @@ fn convolution(
             conv.bias().as_tensor(),
             geometry,
             true,
-            Some(1),
+            &Kernels {
+                conv_groups: Some(1),
+                ..*kernels
+            },
         )?;
         out.push(compare(
             format!("{name}: output, one group"),
@@ -162,8 +186,8 @@ fn convolution(
     // The images of a first layer have no gradient: the path must skip it and still give
     // the weight gradient.
     let images = Tensor::randn(0f32, 1., input, device)?;
-    let a = conv.forward_on(&images, Path::Gpu)?;
-    let b = conv.forward_on(&images, Path::Composed)?;
+    let a = conv.forward(&images, kernels)?;
+    let b = conv.forward(&images, &Kernels::COMPOSED)?;
     let ga = (&a * &probe)?.sum_all()?.backward()?;
     let gb = (&b * &probe)?.sum_all()?.backward()?;
     if ga.get(&images).is_some() {
@@ -187,6 +211,7 @@ fn convolution(
 
 fn batch_norm(
     device: &Device,
+    kernels: &Kernels,
     seed: u64,
     name: String,
     shape: (usize, usize, usize, usize),
@@ -206,8 +231,8 @@ fn batch_norm(
     let (ours, reference) = (make()?, make()?);
     let x = Var::from_tensor(&Tensor::randn(0.5f32, 2., shape, device)?)?;
     let probe = Tensor::randn(0f32, 1., shape, device)?;
-    let a = ours.forward_on(x.as_tensor(), true, Path::Gpu)?;
-    let b = reference.forward_on(x.as_tensor(), true, Path::Composed)?;
+    let a = ours.forward_t(x.as_tensor(), true, kernels)?;
+    let b = reference.forward_t(x.as_tensor(), true, &Kernels::COMPOSED)?;
     let mut out = vec![compare(
         format!("{name}: training output"),
         &a,
@@ -251,8 +276,8 @@ fn batch_norm(
             GRADIENT_TOLERANCE,
         )?);
     }
-    let a = ours.forward_on(x.as_tensor(), false, Path::Gpu)?;
-    let b = reference.forward_on(x.as_tensor(), false, Path::Composed)?;
+    let a = ours.forward_t(x.as_tensor(), false, kernels)?;
+    let b = reference.forward_t(x.as_tensor(), false, &Kernels::COMPOSED)?;
     out.push(compare(
         format!("{name}: evaluation output"),
         &a,
@@ -264,10 +289,11 @@ fn batch_norm(
 
 #[cfg(test)]
 mod tests {
-    /// The GPU path's composition (with the ops' CPU twins) against Candle's operations.
+    /// The CUDA path's composition (with the ops' reference twins) against Candle's
+    /// operations.
     #[test]
-    fn gpu_path_matches_candle_on_cpu() {
-        let results = super::run(&candle_core::Device::Cpu).unwrap();
+    fn cuda_path_matches_candle_on_cpu() {
+        let results = super::run(&candle_core::Device::Cpu, &super::Kernels::default()).unwrap();
         assert!(results.len() > 40, "{}", results.len());
         let failed: Vec<_> = results.iter().filter(|c| !c.passed()).collect();
         assert!(failed.is_empty(), "{failed:#?}");

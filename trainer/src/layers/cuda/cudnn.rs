@@ -22,8 +22,8 @@ use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::cuda_backend::{CudaDevice, DeviceId};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::cuda::{elementwise, launch, output, u32_of, view, wrap};
-use crate::layers::cpu::conv::Geometry;
+use super::launch::{elementwise, launch, output, u32_of, view, wrap};
+use crate::layers::Geometry;
 
 /// Workspaces larger than this are not tried (PyTorch's default cap is similar in spirit).
 const MAX_WORKSPACE: usize = 1 << 30;
@@ -458,7 +458,7 @@ impl CustomOp2 for WeightGradient {
     }
 }
 
-/// y = conv(x, weight) + bias through cuDNN; the arguments are as `gpu::conv::conv2d`'s.
+/// y = conv(x, weight) + bias through cuDNN; the arguments are as `cuda::conv::conv2d`'s.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,

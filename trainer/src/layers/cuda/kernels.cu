@@ -1,4 +1,4 @@
-// CUDA kernels of the GPU path (`layers::gpu`): batch norm fused with its ReLU, the
+// CUDA kernels of the CUDA path (`layers::cuda`): batch norm fused with its ReLU, the
 // im2col/col2im halves of convolution (the GEMMs are cuBLAS, through Candle's matmul), the
 // bias after a cuDNN convolution, and the fused SGD update of `optim.rs`.
 // Compiled to PTX by build.rs with the `cuda` feature; float32, contiguous NCHW. Index
