@@ -174,7 +174,7 @@ impl BatchNormRelu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::cpu::max_diff;
+    use crate::layers::cpu::{max_diff, seeded_randn};
     use candle_core::{Device, Var, D};
     use population::seed::{rng, Stream};
 
@@ -248,10 +248,8 @@ mod tests {
             (1, 2, 3, 7, 4),
         ] {
             let (fused, composed) = layers(c, seed);
-            let x =
-                Var::from_tensor(&Tensor::randn(0.5f32, 2., (n, c, h, w), &Device::Cpu).unwrap())
-                    .unwrap();
-            let g = Tensor::randn(0f32, 1., (n, c, h, w), &Device::Cpu).unwrap();
+            let x = Var::from_tensor(&seeded_randn(0.5, 2., (n, c, h, w), seed)).unwrap();
+            let g = seeded_randn(0., 1., (n, c, h, w), seed + 100);
             let a = fused
                 .forward_t(x.as_tensor(), true, &Kernels::default())
                 .unwrap();

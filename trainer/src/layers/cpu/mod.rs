@@ -51,6 +51,24 @@ pub(crate) fn contiguous<'a>(
     }
 }
 
+/// A tensor of normal samples drawn from `seed`: tests compare two implementations on the
+/// same inputs every run (Candle's CPU `randn` cannot be seeded), so that a case that lands
+/// on a kink, such as a ReLU's input at 0, either always passes or always fails.
+#[cfg(test)]
+pub(crate) fn seeded_randn(
+    mean: f32,
+    std: f32,
+    shape: (usize, usize, usize, usize),
+    seed: u64,
+) -> candle_core::Tensor {
+    use rand_distr::{Distribution, Normal};
+    let mut rng = population::seed::rng(seed, population::seed::Stream::Initialisation);
+    let normal = Normal::new(mean, std).expect("a positive deviation");
+    let len = shape.0 * shape.1 * shape.2 * shape.3;
+    let values: Vec<f32> = (0..len).map(|_| normal.sample(&mut rng)).collect();
+    candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).expect("a shape")
+}
+
 /// The largest absolute difference between two tensors of one shape, for the tests that
 /// compare a kernel with Candle's composed operations.
 #[cfg(test)]
