@@ -10,7 +10,8 @@
 #   scripts/build-cuda.sh [--features cuda|cudnn]      # writes .gpu/trainer and .gpu/env.sh
 #
 # Then, on the GPU machine: `. .gpu/env.sh && .gpu/trainer bench --device cuda`.
-# First build about 10 minutes on 2 cores (nvcc compiles Candle's kernels), then 1-2 minutes.
+# The first build compiles Candle's CUDA kernels with nvcc and takes several minutes; later
+# builds are quick (figures: docs/PERFORMANCE.md, Build, CI and test-server timings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features=cuda
@@ -67,7 +68,7 @@ log "building the trainer with --features $features"
 cargo zigbuild --release --features "$features" --target x86_64-unknown-linux-gnu.2.28 -p trainer --bin trainer
 mkdir -p .gpu
 cp "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/trainer" .gpu/trainer
-# No debug information on the carried binary: it has to fit the device tool's 64 MiB carry.
+# No debug information: the binary stays small enough to copy to the GPU machine.
 strip .gpu/trainer 2>/dev/null || true
 cp scripts/gpu-env.sh .gpu/env.sh
 ls -la .gpu/trainer >&2

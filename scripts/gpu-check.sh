@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 5 and 6, as one script for the lent GPU machine (device tool).
-# Prepare here:
+# The GPU measurements as one script, to run on a machine with an NVIDIA GPU.
+# Prepare on any machine, CIFAR_DIR being a folder with the CIFAR-10 binary files:
 #   scripts/build-cuda.sh --features cudnn                  # .gpu/trainer, .gpu/env.sh
-#   scripts/cifar-subset.sh "$(../shared/data/get-cifar10)" .gpu/cifar 1000 2000
-# then run with the device tool: command "scripts/gpu-check.sh", carry [".gpu"], and a
-# timeout_s above GPU_CHECK_BUDGET.
+#   scripts/cifar-subset.sh CIFAR_DIR .gpu/cifar 1000 2000
+# then copy the repository with .gpu/ to the GPU machine and run scripts/gpu-check.sh there,
+# under a time limit above GPU_CHECK_BUDGET.
 # Results go to $OUT (or /tmp/gpu-check): the tables, JSON, nvidia-smi samples and logs.
 #
-# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540: one device call may run
-# 600, and a session has 900 in all, machine start included). Each step's own limit is cut
-# to what is left, and a step that would start with under 20 s left is skipped and says so
-# in steps.log; the steps run most important first, and the summary is always written. The
-# steps' own limits add up to 1,380 s, which one call could not have held.
+# The whole script keeps to GPU_CHECK_BUDGET seconds (default 540). Each step's own limit is
+# cut to what is left, and a step that would start with under 20 s left is skipped and says
+# so in steps.log; the steps run most important first, and the summary is always written.
+# The steps' own limits add up to more than the default budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
@@ -128,7 +127,7 @@ rm -rf /tmp/gpu-evolution
 limited 120 $t run "$out/evolve.yaml" --data .gpu/cifar --device cuda --out "$out/evolution" \
   > "$out/evolution.txt" 2> "$out/evolution.log"
 log "done"
-# Everything that matters in one place (the device tool returns a limited number of files).
+# Everything that matters in one place (one file to copy back).
 for f in check-ops.txt bench-b50.txt bench-b256.txt bench-b256-one-group.txt bench-b256-composed.txt \
          bench-b256-tf32.txt bench-b50-cudnn.txt bench-b256-cudnn.txt utilisation.txt evolution.txt; do
   echo "### $f"; grep -v "^ok" "$out/$f" 2>/dev/null

@@ -150,10 +150,10 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        // The server's objects live in memory where the machine has a tmpfs: on this VM,
-        // ext4 file creation and discard-on-delete took half of all CPU time, which measures
-        // the disk under a test server rather than the coordination (AWS's storage is not on
-        // the worker's machine). The file store below stays on disk, as it would be used.
+        // The server's objects live in memory where the machine has a tmpfs: on disk, file
+        // creation and discard-on-delete can take most of the CPU time, which measures the
+        // disk under a test server rather than the coordination (AWS's storage is not on the
+        // worker's machine). The file store below stays on disk, as it would be used.
         let (server, backing) = match tempfile::tempdir_in("/dev/shm") {
             Ok(root) => (S3Server::start_with(root).await, "tmpfs"),
             Err(_) => (S3Server::start().await, "disk"),

@@ -136,8 +136,8 @@ impl S3 for Locked {
     }
     /// A read, like GET, so it takes no lock: objects appear by rename, whole. Served here
     /// rather than by s3s-fs, whose listing walks the whole bucket with one asynchronous file
-    /// system call per entry whatever the prefix (50 ms for a few thousand objects); this one
-    /// walks only the prefix's folder.
+    /// system call per entry whatever the prefix (slow once a bucket holds thousands of
+    /// objects); this one walks only the prefix's folder.
     async fn list_objects_v2(
         &self,
         req: S3Request<ListObjectsV2Input>,
@@ -286,7 +286,7 @@ impl S3Server {
                     continue;
                 };
                 // Without it, a response written in two parts waits for the client's delayed
-                // ACK: 40 ms per GET.
+                // ACK: a delayed-ACK timeout per GET.
                 let _ = socket.set_nodelay(true);
                 let connection = http
                     .serve_connection(TokioIo::new(socket), service.clone())

@@ -77,8 +77,9 @@ impl Optimizer for Sgd {
     }
 }
 
-/// Two fused in-place passes instead of seven tensor operations per variable: at batch 50 on
-/// a GPU, the composed update took a quarter of the step.
+/// Two fused in-place passes instead of seven tensor operations per variable: on a GPU each
+/// tensor operation is a kernel launch and a full pass, a large share of a small model's step
+/// (figures: docs/PERFORMANCE.md, GPU kernels).
 fn update_fused(
     var: &Var,
     grad: &Tensor,

@@ -4,8 +4,7 @@
 //! thread outside the pool, each operation is handed to the pool and the caller sleeps until
 //! it is done: a cross-thread hand-off and wake-up per operation, about a hundred per
 //! training step. Run on one of the pool's own threads, the caller does its share of each
-//! operation instead. On the 2-core development machine that made the skip model train 3%
-//! faster (6 interleaved rounds, 5 faster and one the same).
+//! operation instead (figures: docs/PERFORMANCE.md, Thread pools).
 //!
 //! Each training gets a pool of its own rather than a turn in rayon's global pool: a thread
 //! of a shared pool that waits for help inside one training takes any queued work, another

@@ -3,10 +3,8 @@
 //! Every step allocates the same large buffers (activations, column matrices, gradients:
 //! megabytes each) and frees them. glibc's malloc serves blocks above its mmap threshold with
 //! fresh mappings and returns freed memory at the top of a heap to the kernel beyond its trim
-//! threshold, so every step faulted its buffers in again and the kernel zeroed them: 1.3
-//! million page faults in a 20-step benchmark of the skip model on the CPU, against 69
-//! thousand with the settings below, all of those before the timed steps (30 steps gave the
-//! same count). In three interleaved runs, conv3 trained 6–9% and skip 2–27% faster.
+//! threshold, so every step faulted its buffers in again and the kernel zeroed them. With the
+//! settings below only the first steps do (figures: docs/PERFORMANCE.md, allocator settings).
 //! Retaining the step's peak is what a worker wants; its next step needs the same again.
 
 /// Buffers up to this size come from the heap, not their own mapping: glibc's largest
@@ -19,9 +17,9 @@ const MMAP_THRESHOLD: libc::c_int = 32 << 20;
 /// Both apply to the main arena only as far as page faults go: the arenas glibc gives other
 /// threads are 64 MiB heaps that are unmapped as they empty, and a training runs on a
 /// thread of its own pool ([`trainer::threads`]). So every thread allocates from the main
-/// arena (`M_ARENA_MAX` 1): with their own arenas, the skip model's 40-step benchmark took
-/// 478 thousand page faults instead of 65 thousand. Our threads allocate a few large
-/// buffers per operation, so sharing the arena's lock costs nothing measurable.
+/// arena (`M_ARENA_MAX` 1): with their own arenas, steps would fault their memory in again.
+/// Our threads allocate a few large buffers per operation, so sharing the arena's lock costs
+/// nothing measurable.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 1 << 30;
 

@@ -1,7 +1,7 @@
 //! Batch norm fused with the ReLU that always follows it on a BN+ReLU vertex, on the CPU.
 //!
 //! Composed from Candle's tensor operations, a training batch norm makes a dozen passes over
-//! its input and as many temporaries (17× slower than PyTorch here). Fused, training forward
+//! its input and as many temporaries (many times slower than PyTorch). Fused, training forward
 //! reads the input twice (statistics, then normalise + ReLU), backward twice (sums, then the
 //! input gradient), with channels in parallel for the statistics and planes in parallel for
 //! the element-wise pass.
@@ -275,7 +275,7 @@ impl CustomOp2 for Backward {
         let count = (n * plane) as f32;
         // Per channel: Σ g and Σ g·x̂, where g is dy through the ReLU (0 where y = 0). Samples
         // in parallel, each walking its planes in memory order: a channel-major walk jumps a
-        // whole sample ahead every plane, which defeats the hardware prefetcher (4x slower).
+        // whole sample ahead every plane, which defeats the hardware prefetcher.
         let sums: Vec<(f64, f64)> = (0..n)
             .into_par_iter()
             .map(|i| {
@@ -392,7 +392,7 @@ vectorised! {
     ///
     /// In blocks: first g alone (an element-wise select, which vectorises), then the two sums
     /// over it in lanes of 8. Written as one loop, the select inside the lane sums made LLVM emit
-    /// scalar code with a branch per element, 3× slower than the rest of the backward pass.
+    /// scalar code with a branch per element.
     fn plane_sums(x: &[f32], dy: &[f32], relu: &Relu, m: f32, s: f32) -> (f32, f32) {
         const BLOCK: usize = 256;
         let mut g = [0f32; BLOCK];

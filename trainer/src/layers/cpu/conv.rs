@@ -82,10 +82,8 @@ impl Dims {
 
     /// Row stride of the column matrix, in floats: P, or a little more where P is a multiple
     /// of 256 (rows a multiple of 1 KiB apart), whose rows fall into the same few L1 cache
-    /// sets. `gemm` reads the matrix a tap row after another, and on one core of the
-    /// development machine the skip model's 32→32 forward product (P = 1024, 4 KiB apart)
-    /// ran at 64–74 GFLOP/s with P and 99–102 with P + 32; layers with P = 256 were the same
-    /// either way (128–131).
+    /// sets. `gemm` reads the matrix a tap row after another, so such rows get a 32-float gap
+    /// (figures: docs/PERFORMANCE.md, CPU kernels: im2col).
     pub fn ld(&self) -> usize {
         let p = self.p();
         if p.is_multiple_of(256) {
@@ -177,9 +175,8 @@ impl CustomOp3 for Conv2d {
                     // yᵀ [P×Cout] = colᵀ [P×K] · Wᵀ [K×Cout], stored transposed, which is y.
                     // `gemm` reads colᵀ, column-major, without packing it, and packs only
                     // the small Wᵀ. The other way round (y = W·col) it repacked W for every
-                    // block of columns: on one core, per image with the column matrix fresh
-                    // from memory, the skip model's 3×3 32→32 layer took 0.42–0.49 ms that
-                    // way and 0.23–0.26 ms this way; the other reference layers 0.97–1.20×.
+                    // block of columns, which costs most where P is large (figures:
+                    // docs/PERFORMANCE.md, CPU kernels: im2col).
                     GemmOperand::transposed(col, d.ld()).times_strided(
                         &GemmOperand::transposed(w, k),
                         y,
@@ -271,8 +268,8 @@ impl CustomOp2 for InputGrad {
             .winograd(d.cout, d.cin)
             .map(|shape| shape.prepare(w, Kernel::Flipped));
         // Each image's gradient is zeroed by the thread that scatters into it: zeroed up
-        // front (`vec![0.0; …]`), the whole batch's was a serial memset on the calling thread,
-        // 7% of that thread's time in the skip model's profile, with the other core idle.
+        // front (`vec![0.0; …]`), the whole batch's was a serial memset on the calling thread
+        // while the other threads waited.
         // SAFETY: Winograd's output transform writes every element of an image's chunk;
         // otherwise every element is written (zeroed) before it is read.
         let dx = unsafe {
@@ -327,12 +324,11 @@ impl CustomOp2 for WeightGrad {
         let d = Dims::new(l1.shape().dims4()?, self.kernel, self.geometry)?;
         let (k, p) = (d.k(), d.p());
         let size = d.cout * k;
-        // The product's orientation matters to `gemm`. On one core of this project's 2-core
-        // Xeon, for the skip model's 32→32 layer (Cout 32, K 288, P 1024), dy·colᵀ ran at
-        // 46 GFLOP/s and its transpose col·dyᵀ at 113–137; for its 64→64 3×5 layer, 65 vs
-        // 154. Of the nine layers of the reference models, only conv3's first (K 27 < Cout
-        // 64) was faster the other way. So when K ≥ Cout each thread sums dWᵀ [K×Cout], and
-        // the total is transposed once at the end.
+        // The product's orientation matters to `gemm`: it runs col·dyᵀ much faster than
+        // dy·colᵀ where K ≥ Cout. Of the nine layers of the reference models, only conv3's
+        // first (K 27 < Cout 64) prefers the other orientation. So when K ≥ Cout each thread
+        // sums dWᵀ [K×Cout], and the total is transposed once at the end (figures:
+        // docs/PERFORMANCE.md, CPU kernels: im2col).
         let transposed = k >= d.cout;
         // Winograd's where the forward pass takes it: each thread sums dU, the gradient of the
         // transformed kernels, and the total becomes dW once at the end.

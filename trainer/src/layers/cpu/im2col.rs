@@ -73,8 +73,7 @@ fn im2col_by_rows(x: &[f32], d: &Dims, col: &mut [f32]) {
 }
 
 /// `out[k] = src[k·stride]`. In fixed-size chunks of the source, which the compiler turns
-/// into shuffles; `step_by` compiled to a scalar loop with a bounds check per element, which
-/// took about half of im2col's time in the skip model's profile.
+/// into shuffles; `step_by` compiled to a scalar loop with a bounds check per element.
 #[inline]
 fn gather(out: &mut [f32], src: &[f32], stride: usize) {
     fn chunked<const S: usize>(out: &mut [f32], src: &[f32]) {
@@ -177,9 +176,9 @@ fn scatter_add(dst: &mut [f32], values: &[f32], stride: usize) {
 /// per output row, instead of a copy (or a strided gather) per output row. At stride 1 the
 /// only phase is the image itself and nothing is split.
 ///
-/// At stride 1 and 32 pixels a row, im2col and its short copies took a fifth of the skip
-/// model's training time on the CPU (`perf`); after the whole-plane copies and [`gather`],
-/// 12%. The strided gathers were 14% of the 3-convolution model's profile.
+/// At 32 pixels a row the copies per output row are short and the strided gathers slow: both
+/// took a large share of training time, which whole-plane copies and the chunked [`gather`]
+/// cut (figures: docs/PERFORMANCE.md, CPU kernels: im2col).
 ///
 /// Found only where it applies ([`Phased::of`]); the sizes it works with are the [`Dims`]
 /// every method is given (each phase is `oh×ow`).
@@ -270,8 +269,8 @@ impl Phased {
 
     /// Calls `f` for every row of every phase of every input channel, with where it starts
     /// among the phases [Cin × s² × oh·ow] and where its first pixel lies in the image (its
-    /// others follow `stride` apart). Loops rather than an iterator: with nested
-    /// `flat_map`s conv3 trained about 2% slower in 3 of 4 interleaved rounds.
+    /// others follow `stride` apart). Loops rather than an iterator: nested `flat_map`s
+    /// measured slower in this hot path.
     fn for_each_phase_row(&self, d: &Dims, mut f: impl FnMut(usize, usize)) {
         let (s, p, plane) = (d.g.stride, d.p(), d.h * d.w);
         for c in 0..d.cin {

@@ -14,10 +14,11 @@
 //! are G times as many output tiles, and the G partial sums are added by one more small GEMM.
 //!
 //! Candle's CUDA backward computed the input gradient with a naive transposed-convolution
-//! kernel (5–7 ms against cuDNN's 0.3–0.5 ms on an H200) and the weight gradient as a
-//! convolution with the whole output gradient as its kernel. Here each gradient is a single
-//! large GEMM. The columns of the forward pass are kept for the weight gradient instead of
-//! being recomputed, and the input gradient of a tensor nothing needs (the images) is skipped.
+//! kernel, many times slower than cuDNN, and the weight gradient as a convolution with the
+//! whole output gradient as its kernel. Here each gradient is a single large GEMM (figures:
+//! docs/PERFORMANCE.md, GPU kernels). The columns of the forward pass are kept for the weight
+//! gradient instead of being recomputed, and the input gradient of a tensor nothing needs (the
+//! images) is skipped.
 //! Each op also runs on the CPU with the same index arithmetic, for the default tests.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};

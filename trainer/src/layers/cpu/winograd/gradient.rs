@@ -50,7 +50,7 @@ impl Winograd {
                 // dM stored [tiles][outputs] and dU [inputs][outputs] (column-major): so
                 // `gemm` reads both operands as they are. Stored row-major, dU made it
                 // compute the transpose, whose left operand V it copied into panels float
-                // by float, 15% of the time on one thread.
+                // by float, a large share of the time.
                 GemmOperand::transposed(&m[xi * ms..][..o_n * t], o_n).times_strided(
                     &GemmOperand::transposed(&v[xi * vs..][..i_n * t], t),
                     &mut du[xi * o_n * i_n..][..o_n * i_n],

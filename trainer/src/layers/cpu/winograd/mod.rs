@@ -17,9 +17,8 @@
 //! The kernel gradient runs the same algebra backwards: with dM[ξ] = (A_h dY A_wᵀ)[ξ], each
 //! tile's output gradient spread over its products, dU[ξ] = Σ over tiles and images of
 //! dM[ξ] · V[ξ]ᵀ (one GEMM per position, reducing over the tiles), and dW = G_hᵀ dU G_w once
-//! per call. On one thread, batches of 50, against im2col + GEMM (which was near the
-//! machine's peak for these shapes): 32→32 3×3 at 32×32 8.2–8.6 ms (9.1–9.4), 64→64 3×3 at
-//! 16×16 5.8 (7.7), 3×5 9.0–9.1 (12.6).
+//! per call. It beats im2col + GEMM, which runs near the CPU's peak for these shapes, because
+//! it does fewer multiplications (figures: docs/PERFORMANCE.md, CPU kernels: Winograd).
 //!
 //! The transforms of the 3-tap axis only add and subtract (G's halves are exact); the 5-tap
 //! one uses the points 0, ±1, ±2 and ∞, whose B and A have small integers and whose G has
@@ -28,21 +27,15 @@
 //! im2col they replace, so each half of each transform is a pass over whole rows or planes
 //! (see [`column_transform`]), and the image goes through in bands that keep V and M in L2.
 //!
-//! Batches of 50 on one thread (`Conv2d` and its input gradient as custom ops, 20 calls
-//! each, two runs, im2col + GEMM in brackets): 32→32 3×3 at 32×32 forward 8.1–9.1 ms
-//! (11.0–11.2), input gradient 7.6–7.8 (9.8–11.1); 64→64 3×3 at 16×16 forward 6.2–6.4 (8.8),
-//! input gradient 6.3–8.6 (8.8–10.3); 64→64 3×5 at 16×16 forward 11.6–12.2 (14.9–15.7),
-//! input gradient 12.7–12.9 (13.8–14.0), and 10.0–11.0 forward once the 5-tap loops were
-//! vectorised (see [`column_half5`]). On two threads the development machine was too noisy
-//! that hour to tell these apart; an earlier run, 3×3 only, had 32→32 forward 4.10–4.31
-//! (5.08–5.14) and 64→64 forward 3.08 (4.08–4.09). A probe with 3 input channels (the
-//! images) at 32×32 was slower than im2col (0.064 against 0.053 ms per image), where the
-//! output transform outweighs the small product: hence [`Winograd::worthwhile`].
+//! The forward pass and the input gradient beat im2col + GEMM for the 3×3 and 3×5 layers
+//! with 8 or more channels, the 3×5 ones by more once their 5-tap loops vectorise (see
+//! [`column_half5`]). With 3 input channels (the images) the output transform outweighs the
+//! small product, so those layers stay on im2col: hence [`Winograd::worthwhile`] (figures:
+//! docs/PERFORMANCE.md, CPU kernels: Winograd).
 //!
-//! F(4×4, 3×3), 36 products per 16 outputs, was tried and was slower: on one thread, 32→32
-//! forward 9.8 and 11.4 ms against F(2×2, 3×3)'s 7.7 and 10.8, 64→64 at 16×16 11.9 and 10.9
-//! against 7.1 and 7.5. Its rows of tiles are 4 to 8 wide here, too short for the
-//! transforms' vector loops, and at 16×16 each product has only 16 tiles per image.
+//! F(4×4, 3×3), 36 products per 16 outputs, was tried and was slower. Its rows of tiles are 4
+//! to 8 wide here, too short for the transforms' vector loops, and at 16×16 each product has
+//! only 16 tiles per image (figures: docs/PERFORMANCE.md, CPU kernels: Winograd).
 
 use std::mem::MaybeUninit;
 
@@ -58,9 +51,8 @@ use super::{with_scratch, GemmOperand};
 use transforms::{column_transform, output_transform, row_transform};
 
 /// Floats between the planes of V and of M, so that planes a multiple of 4 KiB long do not
-/// start in the same L1 sets: the transforms read or write four to six planes at once. On
-/// one thread, 32→32 3×3 forward went from 8.7–9.3 to 7.8–8.0 ms per batch of 50, 3×5
-/// 64→64 from 12.6–13.3 to 11.0–11.3.
+/// start in the same L1 sets: the transforms read or write four to six planes at once
+/// (figures: docs/PERFORMANCE.md, CPU kernels: Winograd).
 const PLANE_GAP: usize = 16;
 
 /// Tiles per band; see [`Winograd::band_tiles`].
@@ -192,8 +184,8 @@ impl Winograd {
     ///
     /// Each output channel's kernels in parallel, without allocating per kernel: a first
     /// version collected each kernel's lines into vectors, three allocations per kernel, and
-    /// with its malloc and free took about 5% of one thread's samples while timing three
-    /// Winograd layers, serially before the images' parallel work (about 1% now).
+    /// paid for their malloc and free on one thread, serially before the images' parallel
+    /// work.
     pub fn transform_kernel(&self, kernel: &[f32], layout: Kernel) -> Vec<f32> {
         let (o_n, i_n) = (self.outputs, self.inputs);
         let (kh, kw) = (self.rows.len(), self.columns.len());

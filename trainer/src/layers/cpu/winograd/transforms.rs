@@ -13,9 +13,9 @@ vectorised! {
     /// then combines these rows, a band of tile rows at a time.
     ///
     /// A first version transformed tile row by tile row, four outputs of w/2 values from
-    /// eight shifted slices at a time: 85–95 µs for 32 channels of 32×32 on one core of the
-    /// development machine (a probe outside the trainer), mostly loop overhead and register
-    /// spills, as slow as the im2col it replaced. The two halves written this way took 56.
+    /// eight shifted slices at a time: mostly loop overhead and register spills, as slow as
+    /// the im2col it replaced. Whole-row passes vectorise (figures: docs/PERFORMANCE.md, CPU
+    /// kernels: Winograd).
     pub(super) fn column_transform(x: &[f32], shape: &Winograd, d: &mut [f32]) {
         let (h, tw) = (shape.h, shape.tiles().1);
         let n = shape.inputs * h * tw;
@@ -409,7 +409,7 @@ fn output_rows5(
 
 /// A_wᵀ of F(2, 3) applied to one output row's tiles, plus the bias: pixels 2t and 2t+1 of
 /// `line` from `a0` … `a3` [t]. Separate arguments, as in [`column_half3`]; as a loop in
-/// [`output_transform`] it stayed scalar, 7% of the skip model's training time.
+/// [`output_transform`] it stayed scalar.
 #[inline(always)]
 fn output_columns3(
     a0: &[f32],
