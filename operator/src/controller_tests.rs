@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use crds::{EvolutionExperiment, EvolutionExperimentStatus, Phase, Retention};
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use population::fixtures;
 use population::individual::{now_ms, Individual};
 use population::store::{FileStore, Population, ProgressEntry, TestResult};
@@ -20,6 +20,24 @@ struct World {
     _dir: tempfile::TempDir,
     exp: EvolutionExperiment,
     population: Population,
+}
+
+impl World {
+    /// Records the experiment with `spec` in the store, as its first worker would.
+    async fn start(&self, spec: &crds::EvolutionExperimentSpec) {
+        let spec = crds::validate(spec).expect("a valid spec");
+        let name = self.exp.name_any();
+        self.population
+            .start_experiment(&name, &spec)
+            .await
+            .unwrap();
+    }
+
+    /// Puts a trained individual in.
+    async fn add(&self, individual: &Individual) {
+        let weights = Bytes::from_static(b"w");
+        self.population.add(individual, weights).await.unwrap();
+    }
 }
 
 async fn world(name: &str) -> World {
@@ -61,10 +79,6 @@ fn patched_status(seen: &[Seen]) -> EvolutionExperimentStatus {
     serde_json::from_value(patch.body["status"].clone()).expect("status")
 }
 
-fn valid(spec: &crds::EvolutionExperimentSpec) -> crds::ValidatedSpec {
-    crds::validate(spec).expect("a valid spec")
-}
-
 /// The reasons of the events the reconciler published, in order.
 fn events(seen: &[Seen]) -> Vec<String> {
     seen.iter()
@@ -73,19 +87,67 @@ fn events(seen: &[Seen]) -> Vec<String> {
         .collect()
 }
 
-fn active_job(name: &str, active: i32) -> Value {
-    job_with_status(name, json!({ "active": active }))
+/// GET of a Job whose pods are `active`.
+fn active_job(name: &str, active: i32) -> Step {
+    found_job(name, json!({ "active": active }))
 }
 
-fn complete_job(name: &str) -> Value {
-    job_with_status(
+/// GET of a Job that completed.
+fn complete_job(name: &str) -> Step {
+    found_job(
         name,
         json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] }),
     )
 }
 
-fn status_reply(exp: &EvolutionExperiment) -> Reply {
-    Reply::WithStatus(serde_json::to_value(exp).unwrap())
+/// GET of a Job with `status`.
+fn found_job(name: &str, status: Value) -> Step {
+    step(
+        "GET",
+        job_path(name),
+        Reply::Json(200, job_with_status(name, status)),
+    )
+}
+
+/// GET of a Job that does not exist.
+fn missing_job(name: &str) -> Step {
+    step("GET", job_path(name), Reply::NotFound)
+}
+
+/// Server-side apply of a Job.
+fn apply_job(name: &str) -> Step {
+    step("PATCH", job_path(name), Reply::Echo)
+}
+
+/// A DELETE of a Job, answered as an API server does.
+fn delete_job(name: &str) -> Step {
+    let job = job_with_status(name, json!({ "active": 0 }));
+    step("DELETE", job_path(name), Reply::Json(200, job))
+}
+
+/// An event published.
+fn event() -> Step {
+    step("POST", events_path(), Reply::Echo)
+}
+
+/// A patch of the object itself (its finalizers), answered with `exp`.
+fn patch_object(exp: &EvolutionExperiment) -> Step {
+    let object = serde_json::to_value(exp).unwrap();
+    step(
+        "PATCH",
+        experiment_path(&exp.name_any()),
+        Reply::Json(200, object),
+    )
+}
+
+/// The status patch of `exp`, answered with the object carrying it.
+fn patch_status(exp: &EvolutionExperiment) -> Step {
+    let path = format!("{}/status", experiment_path(&exp.name_any()));
+    step(
+        "PATCH",
+        path,
+        Reply::WithStatus(serde_json::to_value(exp).unwrap()),
+    )
 }
 
 async fn run(exp: &EvolutionExperiment, script: Vec<Step>) -> Vec<Seen> {
@@ -105,15 +167,7 @@ async fn a_new_experiment_gets_a_finalizer_first() {
     let w = world("fresh").await;
     let mut exp = w.exp.clone();
     exp.meta_mut().finalizers = None;
-    let seen = run(
-        &exp,
-        vec![step(
-            "PATCH",
-            experiment_path("fresh"),
-            Reply::Json(200, serde_json::to_value(&w.exp).unwrap()),
-        )],
-    )
-    .await;
+    let seen = run(&exp, vec![patch_object(&w.exp)]).await;
     assert!(seen[0].body.to_string().contains(crate::FINALIZER));
 }
 
@@ -125,14 +179,10 @@ async fn creation_starts_the_workers_job_and_reports_pending() {
     let seen = run(
         &w.exp,
         vec![
-            step("GET", job_path(&workers), Reply::NotFound),
-            step("PATCH", job_path(&workers), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("create")),
-                status_reply(&exp),
-            ),
+            missing_job(&workers),
+            apply_job(&workers),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -152,19 +202,10 @@ async fn creation_starts_the_workers_job_and_reports_pending() {
 #[tokio::test]
 async fn status_comes_from_the_store() {
     let w = world("running").await;
-    w.population
-        .start_experiment("running", &valid(&w.exp.spec))
-        .await
-        .unwrap();
+    w.start(&w.exp.spec).await;
     let best = individual(0.61, 3);
-    w.population
-        .add(&individual(0.4, 0), Bytes::from_static(b"w"))
-        .await
-        .unwrap();
-    w.population
-        .add(&best, Bytes::from_static(b"w"))
-        .await
-        .unwrap();
+    w.add(&individual(0.4, 0)).await;
+    w.add(&best).await;
     let entry = ProgressEntry {
         worker: "w1".into(),
         trained: 17,
@@ -178,18 +219,10 @@ async fn status_comes_from_the_store() {
     let seen = run(
         &w.exp,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 4)),
-            ),
-            step("PATCH", job_path(&workers), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("running")),
-                status_reply(&exp),
-            ),
+            active_job(&workers, 4),
+            apply_job(&workers),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -211,18 +244,7 @@ async fn an_invalid_spec_is_reported_and_runs_nothing() {
     let w = world("invalid").await;
     let mut exp = w.exp.clone();
     exp.spec.workers = Some(100);
-    let seen = run(
-        &exp,
-        vec![
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("invalid")),
-                status_reply(&exp),
-            ),
-        ],
-    )
-    .await;
+    let seen = run(&exp, vec![event(), patch_status(&exp)]).await;
     assert_eq!(events(&seen), said(&[Reason::InvalidSpec]));
     assert!(seen[0].body["note"]
         .as_str()
@@ -238,15 +260,7 @@ async fn an_invalid_spec_is_reported_and_runs_nothing() {
 
     // Reconciling it again says nothing new: no second event.
     exp.status = Some(status);
-    let seen = run(
-        &exp,
-        vec![step(
-            "PATCH",
-            format!("{}/status", experiment_path("invalid")),
-            status_reply(&exp),
-        )],
-    )
-    .await;
+    let seen = run(&exp, vec![patch_status(&exp)]).await;
     assert!(events(&seen).is_empty());
 }
 
@@ -255,45 +269,21 @@ async fn suspend_suspends_the_job_and_resume_unsuspends_it() {
     let w = world("pause").await;
     let workers = jobs::workers_name(&w.exp);
     let mut exp = w.exp.clone();
-    exp.spec.suspend = true;
-    let seen = run(
-        &exp,
+    // The Job follows spec.suspend both ways; nothing else changes.
+    let script = |exp: &EvolutionExperiment| {
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 0)),
-            ),
-            step("PATCH", job_path(&workers), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("pause")),
-                status_reply(&exp),
-            ),
-        ],
-    )
-    .await;
+            active_job(&workers, 0),
+            apply_job(&workers),
+            patch_status(exp),
+        ]
+    };
+    exp.spec.suspend = true;
+    let seen = run(&exp, script(&exp)).await;
     assert_eq!(seen[1].body["spec"]["suspend"], true);
     assert_eq!(patched_status(&seen).phase, Some(Phase::Suspended));
 
     exp.spec.suspend = false;
-    let seen = run(
-        &exp,
-        vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 0)),
-            ),
-            step("PATCH", job_path(&workers), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("pause")),
-                status_reply(&exp),
-            ),
-        ],
-    )
-    .await;
+    let seen = run(&exp, script(&exp)).await;
     assert_eq!(seen[1].body["spec"]["suspend"], false);
 }
 
@@ -302,15 +292,9 @@ async fn stop_then_evaluation_then_succeeded() {
     let w = world("finish").await;
     let mut exp = w.exp.clone();
     exp.spec.stop.individuals_trained = Some(10);
-    w.population
-        .start_experiment("finish", &valid(&exp.spec))
-        .await
-        .unwrap();
+    w.start(&exp.spec).await;
     let best = individual(0.7, 2);
-    w.population
-        .add(&best, Bytes::from_static(b"w"))
-        .await
-        .unwrap();
+    w.add(&best).await;
     let entry = ProgressEntry {
         worker: "w1".into(),
         trained: 10,
@@ -319,20 +303,15 @@ async fn stop_then_evaluation_then_succeeded() {
     w.population.record_progress(&entry, None).await.unwrap();
     let workers = jobs::workers_name(&exp);
     let evaluation = jobs::evaluation_name(&exp);
-    let status_path = format!("{}/status", experiment_path("finish"));
 
     // 1. The stop condition is met: the operator writes the stop marker; workers still run.
     let seen = run(
         &exp,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 3)),
-            ),
-            step("POST", events_path(), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step("PATCH", status_path.clone(), status_reply(&exp)),
+            active_job(&workers, 3),
+            event(),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -350,15 +329,11 @@ async fn stop_then_evaluation_then_succeeded() {
     let seen = run(
         &exp,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, complete_job(&workers)),
-            ),
-            step("GET", job_path(&evaluation), Reply::NotFound),
-            step("PATCH", job_path(&evaluation), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step("PATCH", status_path.clone(), status_reply(&exp)),
+            complete_job(&workers),
+            missing_job(&evaluation),
+            apply_job(&evaluation),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -385,18 +360,10 @@ async fn stop_then_evaluation_then_succeeded() {
     let seen = run(
         &exp,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, complete_job(&workers)),
-            ),
-            step(
-                "GET",
-                job_path(&evaluation),
-                Reply::Json(200, complete_job(&evaluation)),
-            ),
-            step("POST", events_path(), Reply::Echo),
-            step("PATCH", status_path, status_reply(&exp)),
+            complete_job(&workers),
+            complete_job(&evaluation),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -410,33 +377,16 @@ async fn stop_then_evaluation_then_succeeded() {
 #[tokio::test]
 async fn a_second_reconcile_of_the_same_world_changes_nothing() {
     let w = world("again").await;
-    w.population
-        .start_experiment("again", &valid(&w.exp.spec))
-        .await
-        .unwrap();
-    w.population
-        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
-        .await
-        .unwrap();
+    w.start(&w.exp.spec).await;
+    w.add(&individual(0.5, 1)).await;
     let workers = jobs::workers_name(&w.exp);
     let exp = w.exp.clone();
     let script = |events: usize| {
-        let mut s = vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 4)),
-            ),
-            step("PATCH", job_path(&workers), Reply::Echo),
-        ];
+        let mut s = vec![active_job(&workers, 4), apply_job(&workers)];
         for _ in 0..events {
-            s.push(step("POST", events_path(), Reply::Echo));
+            s.push(event());
         }
-        s.push(step(
-            "PATCH",
-            format!("{}/status", experiment_path("again")),
-            status_reply(&exp),
-        ));
+        s.push(patch_status(&exp));
         s
     };
     let first = run(&w.exp, script(1)).await;
@@ -464,27 +414,10 @@ fn deleting(mut exp: EvolutionExperiment, retention: Retention) -> EvolutionExpe
 #[tokio::test]
 async fn deletion_with_retain_keeps_the_population() {
     let w = world("keep").await;
-    w.population
-        .start_experiment("keep", &valid(&w.exp.spec))
-        .await
-        .unwrap();
-    w.population
-        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
-        .await
-        .unwrap();
+    w.start(&w.exp.spec).await;
+    w.add(&individual(0.5, 1)).await;
     let exp = deleting(w.exp.clone(), Retention::Retain);
-    let seen = run(
-        &exp,
-        vec![
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                experiment_path("keep"),
-                Reply::Json(200, serde_json::to_value(&exp).unwrap()),
-            ),
-        ],
-    )
-    .await;
+    let seen = run(&exp, vec![event(), patch_object(&exp)]).await;
     assert_eq!(events(&seen), said(&[Reason::Retained]));
     assert!(
         seen[1].body.to_string().contains("finalizers"),
@@ -500,32 +433,18 @@ async fn deletion_with_retain_keeps_the_population() {
 #[tokio::test]
 async fn deletion_with_delete_stops_workers_and_empties_the_store() {
     let w = world("wipe").await;
-    w.population
-        .start_experiment("wipe", &valid(&w.exp.spec))
-        .await
-        .unwrap();
-    w.population
-        .add(&individual(0.5, 1), Bytes::from_static(b"w"))
-        .await
-        .unwrap();
+    w.start(&w.exp.spec).await;
+    w.add(&individual(0.5, 1)).await;
     let exp = deleting(w.exp.clone(), Retention::Delete);
     let workers = jobs::workers_name(&exp);
     let evaluation = jobs::evaluation_name(&exp);
     let seen = run(
         &exp,
         vec![
-            step(
-                "DELETE",
-                job_path(&workers),
-                Reply::Json(200, active_job(&workers, 0)),
-            ),
+            delete_job(&workers),
             step("DELETE", job_path(&evaluation), Reply::NotFound),
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                experiment_path("wipe"),
-                Reply::Json(200, serde_json::to_value(&exp).unwrap()),
-            ),
+            event(),
+            patch_object(&exp),
         ],
     )
     .await;
@@ -550,21 +469,10 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let seen = run(
         &exp,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(
-                    200,
-                    job_with_status(&workers, json!({ "active": 4, "failed": 2 })),
-                ),
-            ),
-            step("PATCH", job_path(&workers), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step(
-                "PATCH",
-                format!("{}/status", experiment_path("flaky")),
-                status_reply(&exp),
-            ),
+            found_job(&workers, json!({ "active": 4, "failed": 2 })),
+            apply_job(&workers),
+            event(),
+            patch_status(&exp),
         ],
     )
     .await;
@@ -585,21 +493,14 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let seen = run(
         &failed,
         vec![
-            step(
-                "GET",
-                job_path(&workers),
-                Reply::Json(
-                    200,
-                    job_with_status(
-                        &workers,
-                        json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True" }] }),
-                    ),
-                ),
+            found_job(
+                &workers,
+                json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True" }] }),
             ),
-            step("DELETE", job_path(&workers), Reply::Json(200, active_job(&workers, 0))),
-            step("POST", events_path(), Reply::Echo),
-            step("POST", events_path(), Reply::Echo),
-            step("PATCH", format!("{}/status", experiment_path("flaky")), status_reply(&failed)),
+            delete_job(&workers),
+            event(),
+            event(),
+            patch_status(&failed),
         ],
     )
     .await;

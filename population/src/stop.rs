@@ -104,3 +104,18 @@ pub async fn watch_for_stop(
         }
     }
 }
+
+/// [`watch_for_stop`] as a task of its own, on clones of what it watches.
+pub fn spawn_watch(
+    population: &Population,
+    record: &ExperimentRecord,
+    flag: &Arc<StopFlag>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(watch_for_stop(
+        population.clone(),
+        record.clone(),
+        flag.clone(),
+        interval,
+    ))
+}

@@ -13,7 +13,7 @@ use candle_core::Device;
 use crds::Dataset;
 use population::dna::ModelSpec;
 use population::fixtures;
-use population::stop::{watch_for_stop, StopFlag};
+use population::stop::{spawn_watch, StopFlag};
 use population::store::{ExperimentRecord, FileStore, ObjectStore, Population};
 use trainer::child::{CandleTrainer, ChildJob, ChildTrainer};
 use trainer::data::{fixture, Split};
@@ -57,12 +57,7 @@ async fn evolve(
     workers: u32,
 ) -> (Vec<WorkerReport>, usize) {
     let stop = Arc::new(StopFlag::default());
-    let watcher = tokio::spawn(watch_for_stop(
-        population.clone(),
-        record.clone(),
-        stop.clone(),
-        Duration::from_millis(100),
-    ));
+    let watcher = spawn_watch(population, record, &stop, Duration::from_millis(100));
     let peak = Arc::new(AtomicUsize::new(0));
     let monitor = {
         let (population, stop, peak) = (population.clone(), stop.clone(), peak.clone());

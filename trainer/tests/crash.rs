@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use crds::Dataset;
-use population::stop::{watch_for_stop, StopFlag};
+use population::stop::{spawn_watch, StopFlag};
 use population::store::{FileStore, Population};
 use trainer::child::CandleTrainer;
 use trainer::data::{fixture, Split};
@@ -124,12 +124,7 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
         kernels: Kernels::default(),
     });
     let stop = Arc::new(StopFlag::default());
-    let survivors = tokio::spawn(watch_for_stop(
-        population.clone(),
-        record.clone(),
-        stop.clone(),
-        Duration::from_millis(50),
-    ));
+    let survivors = spawn_watch(&population, &record, &stop, Duration::from_millis(50));
     let loops = (0..2)
         .map(|i| WorkerSettings {
             progress_interval: Duration::ZERO,

@@ -9,10 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use population::seed::worker_seed;
-use population::stop::{watch_for_stop, StopFlag};
+use population::stop::{spawn_watch, StopFlag};
 use population::store::{self, Population};
 use trainer::child::CandleTrainer;
-use trainer::data::{source, Split};
 use trainer::worker::{self, WorkerSettings};
 
 use super::flags::{DataFlag, DeviceFlag, KernelFlags};
@@ -54,13 +53,7 @@ pub async fn run(args: Args) -> Result<()> {
     let default_device = spec.worker.device.clone().unwrap_or_else(|| "auto".into());
     let device = args.device.open(&default_device)?;
 
-    let data_dir = source::folder(&spec, args.data.data).await?;
-    let split = {
-        let (spec, dir) = (spec.clone(), data_dir.clone());
-        tokio::task::spawn_blocking(move || Split::for_spec(&spec, &dir))
-            .await?
-            .context("loading the training data")?
-    };
+    let (data_dir, split) = super::training_data(&spec, args.data.data).await?;
     let population = Population::new(store::open(&spec.store).await?);
     let record = population.start_experiment(&name, &spec).await?;
     if let Some(marker) = population.stop_marker().await? {
@@ -86,12 +79,7 @@ pub async fn run(args: Args) -> Result<()> {
             spec.workers() as usize,
         )
     });
-    let watcher = tokio::spawn(watch_for_stop(
-        population.clone(),
-        record.clone(),
-        stop.clone(),
-        Duration::from_secs(1),
-    ));
+    let watcher = spawn_watch(&population, &record, &stop, Duration::from_secs(1));
     {
         let population = population.clone();
         let stop = stop.clone();

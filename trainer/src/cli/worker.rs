@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use population::seed::worker_seed;
-use population::stop::{watch_for_stop, StopFlag};
+use population::stop::{spawn_watch, StopFlag};
 use population::store::{self, check_worker_name, Population};
 use trainer::child::CandleTrainer;
-use trainer::data::{source, Split};
 use trainer::worker::{self, WorkerSettings};
 
 use super::flags::{DataFlag, DeviceFlag, ExperimentFlags, KernelFlags};
@@ -51,22 +50,11 @@ pub async fn run(args: Args) -> Result<()> {
     let base = format!("{}-{}", &base[..base.len().min(50)], super::random_suffix());
     check_worker_name(&base)?;
     let device = args.device.open("auto")?;
-    let data_dir = source::folder(&spec, args.data.data).await?;
-    let split = {
-        let spec = spec.clone();
-        tokio::task::spawn_blocking(move || Split::for_spec(&spec, &data_dir))
-            .await?
-            .context("loading the training data")?
-    };
+    let (_, split) = super::training_data(&spec, args.data.data).await?;
     let population = Population::new(store::open(&spec.store).await?);
     let record = population.start_experiment(&experiment.name, &spec).await?;
     let stop = Arc::new(StopFlag::default());
-    let watcher = tokio::spawn(watch_for_stop(
-        population.clone(),
-        record.clone(),
-        stop.clone(),
-        Duration::from_secs(10),
-    ));
+    let watcher = spawn_watch(&population, &record, &stop, Duration::from_secs(10));
     {
         let stop = stop.clone();
         tokio::spawn(async move {
