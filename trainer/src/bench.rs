@@ -105,8 +105,7 @@ fn bench_model_here(
     kernels: &Kernels,
 ) -> Result<ModelFigures, BenchError> {
     let spec = ModelSpec::cifar(10);
-    let (model, _) = Model::build(dna, spec, None, &mut rng(0, Stream::Initialisation), device)?;
-    let model = model.with_kernels(*kernels);
+    let model = Model::fresh(dna, spec, 0, device)?.with_kernels(*kernels);
     let sgd_config = SgdConfig {
         kernels: *kernels,
         ..SgdConfig::paper(1e-3)
@@ -389,14 +388,7 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let dna = Dna::load(&path).unwrap();
-            let (model, _) = Model::build(
-                &dna,
-                ModelSpec::cifar(10),
-                None,
-                &mut rng(0, Stream::Initialisation),
-                &Device::Cpu,
-            )
-            .unwrap();
+            let model = Model::fresh(&dna, ModelSpec::cifar(10), 0, &Device::Cpu).unwrap();
             let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
             assert_eq!(model.forward_t(&x, true).unwrap().dims(), &[2, 10]);
             names.push(path.file_stem().unwrap().to_string_lossy().to_string());

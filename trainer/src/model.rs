@@ -104,6 +104,18 @@ impl Model {
         ))
     }
 
+    /// The network of `dna` with every tensor drawn afresh from `seed`: an individual
+    /// without a parent, as benchmarks and tests train one.
+    pub fn fresh(
+        dna: &Dna,
+        spec: ModelSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut rng = population::seed::rng(seed, population::seed::Stream::Initialisation);
+        Ok(Self::build(dna, spec, None, &mut rng, device)?.0)
+    }
+
     /// Builds a reproduction's child: it inherits from its parent's weights unless one of its
     /// mutations was RESET-WEIGHTS.
     pub fn build_child(

@@ -284,16 +284,7 @@ mod tests {
             update_fused(&fused, &grad, &mut vf, &config).unwrap();
             update_composed(&composed, &grad, &mut vc, &config).unwrap();
         }
-        let diff: f32 = (fused.as_tensor() - composed.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::layers::cpu::max_diff(fused.as_tensor(), composed.as_tensor());
         assert!(diff < 1e-6, "{diff}");
         // Both moved the weights: the comparison is not between two untouched copies.
         let moved: f32 = (fused.as_tensor() - &start)

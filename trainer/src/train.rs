@@ -205,6 +205,17 @@ mod tests {
     use population::mutation::Mutation;
     use population::seed::{rng, Stream};
 
+    fn validate(model: &Model, split: &Split) -> Evaluation {
+        evaluate(
+            model,
+            &split.validation,
+            &split.normalization,
+            100,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
     fn tiny_split() -> Split {
         let dir = tempfile::tempdir().unwrap();
         fixture::write(dir.path(), Dataset::Cifar10, 120, 11).unwrap();
@@ -218,26 +229,12 @@ mod tests {
         let mut r = rng(0, Stream::Mutation);
         Mutation::InsertConvolution.apply(&mut dna, &mut r).unwrap();
         dna.learning_rate = 0.01;
-        let (model, _) = Model::build(
-            &dna,
-            ModelSpec::cifar(10),
-            None,
-            &mut rng(0, Stream::Initialisation),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let model = Model::fresh(&dna, ModelSpec::cifar(10), 0, &Device::Cpu).unwrap();
         let config = TrainConfig {
             augment: false,
             ..TrainConfig::paper(200, 3)
         };
-        let before = evaluate(
-            &model,
-            &split.validation,
-            &split.normalization,
-            100,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let before = validate(&model, &split);
         let report = train(
             &model,
             dna.learning_rate,
@@ -251,14 +248,7 @@ mod tests {
         assert_eq!(report.steps, 200);
         assert!(!report.diverged);
         assert!(report.last_loss < 0.5 * report.first_loss, "{report:?}");
-        let after = evaluate(
-            &model,
-            &split.validation,
-            &split.normalization,
-            100,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let after = validate(&model, &split);
         assert_eq!(after.total, 60);
         assert!(
             after.accuracy > before.accuracy.max(0.5),
@@ -269,14 +259,7 @@ mod tests {
     #[test]
     fn stop_signal_interrupts_training() {
         let split = tiny_split();
-        let (model, _) = Model::build(
-            &Dna::initial(),
-            ModelSpec::cifar(10),
-            None,
-            &mut rng(0, Stream::Initialisation),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let model = Model::fresh(&Dna::initial(), ModelSpec::cifar(10), 0, &Device::Cpu).unwrap();
         let calls = std::cell::Cell::new(0);
         let stop = || {
             calls.set(calls.get() + 1);
@@ -299,14 +282,7 @@ mod tests {
     #[test]
     fn divergence_stops_training_and_scores_zero() {
         let split = tiny_split();
-        let (model, _) = Model::build(
-            &Dna::initial(),
-            ModelSpec::cifar(10),
-            None,
-            &mut rng(0, Stream::Initialisation),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let model = Model::fresh(&Dna::initial(), ModelSpec::cifar(10), 0, &Device::Cpu).unwrap();
         let report = train(
             &model,
             1e12,
@@ -319,14 +295,7 @@ mod tests {
         .unwrap();
         assert!(report.diverged, "{report:?}");
         assert!(report.steps < 200);
-        let eval = evaluate(
-            &model,
-            &split.validation,
-            &split.normalization,
-            100,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let eval = validate(&model, &split);
         assert_eq!(eval.correct, 0);
     }
 }

@@ -242,7 +242,13 @@ impl ModelVars {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use population::seed::{rng, Stream};
+
+    fn values(weights: &Weights, name: &str) -> Vec<f32> {
+        let tensor = weights.get(name).expect("a tensor of that name");
+        tensor.flatten_all().unwrap().to_vec1().unwrap()
+    }
 
     #[test]
     fn inherits_by_name_and_shape_only() {
@@ -300,20 +306,8 @@ mod tests {
         let (vars, _) = p.finish();
         let w = vars.snapshot();
         let back = Weights::from_safetensors(&w.to_safetensors().unwrap(), &device).unwrap();
-        let a: Vec<f32> = w
-            .get("w")
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = back
-            .get("w")
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a = values(&w, "w");
+        let b = values(&back, "w");
         assert_eq!(a, b);
     }
 

@@ -253,6 +253,19 @@ mod tests {
     use super::*;
     use crate::data::fixture;
 
+    /// The error of reading a 5-record fixture after `edit` changed the bytes of `file`.
+    fn error_after(file: &str, edit: impl FnOnce(&mut Vec<u8>)) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
+        let path = dir.path().join(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        edit(&mut bytes);
+        std::fs::write(&path, &bytes).unwrap();
+        read_training(dir.path(), Dataset::Cifar10)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn reads_both_formats() {
         for kind in [Dataset::Cifar10, Dataset::Cifar100] {
@@ -277,13 +290,7 @@ mod tests {
 
     #[test]
     fn truncated_file_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
-        let path = dir.path().join("data_batch_3.bin");
-        let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-        let err = read_training(dir.path(), Dataset::Cifar10).unwrap_err();
-        let msg = err.to_string();
+        let msg = error_after("data_batch_3.bin", |b| b.truncate(b.len() - 100));
         assert!(
             msg.contains("data_batch_3.bin") && msg.contains("truncated"),
             "{msg}"
@@ -292,14 +299,7 @@ mod tests {
 
     #[test]
     fn file_cut_at_a_record_boundary_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
-        let path = dir.path().join("data_batch_4.bin");
-        let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..3 * 3073]).unwrap();
-        let msg = read_training(dir.path(), Dataset::Cifar10)
-            .unwrap_err()
-            .to_string();
+        let msg = error_after("data_batch_4.bin", |b| b.truncate(3 * 3073));
         assert!(
             msg.contains("data_batch_4.bin") && msg.contains("3 records"),
             "{msg}"
@@ -320,15 +320,7 @@ mod tests {
 
     #[test]
     fn bad_label_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        fixture::write(dir.path(), Dataset::Cifar10, 5, 0).unwrap();
-        let path = dir.path().join("data_batch_2.bin");
-        let mut bytes = std::fs::read(&path).unwrap();
-        bytes[2 * 3073] = 200;
-        std::fs::write(&path, &bytes).unwrap();
-        let msg = read_training(dir.path(), Dataset::Cifar10)
-            .unwrap_err()
-            .to_string();
+        let msg = error_after("data_batch_2.bin", |b| b[2 * 3073] = 200);
         assert!(
             msg.contains("data_batch_2.bin") && msg.contains("record 2"),
             "{msg}"

@@ -106,7 +106,7 @@ impl Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::Device;
     use population::seed::{rng, Stream};
 
     fn conv(filter: (usize, usize), stride: usize) -> Conv2d {
@@ -152,19 +152,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&big.bias.as_tensor().reshape((1, (), 1, 1)).unwrap())
             .unwrap();
-        let diff = (y - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap();
-        let max: f32 = diff
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let max = crate::layers::cpu::max_diff(&y, &reference);
         assert!(max < 1e-4, "{max}");
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, lane_sum, par_written, par_written_then};
+use super::{lane_sum, par_written, par_written_then};
 
 /// Per-channel statistics of one training batch.
 #[derive(Clone, Debug)]
@@ -142,18 +142,12 @@ impl CustomOp3 for BatchNormReluTrain {
         "cambrian-batch-norm-relu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "batch norm input")?;
-        let gamma = contiguous(s2, l2, "batch norm gamma")?;
-        let beta = contiguous(s3, l3, "batch norm beta")?;
+    cpu_fwd!(
+        self,
+        x @ l1: "batch norm input",
+        gamma @ l2: "batch norm gamma",
+        beta @ l3: "batch norm beta"
+        => {
         let (n, c, plane) = dims(l1)?;
         let (mean, var) = statistics(x, n, c, plane);
         let inv_std: Vec<f32> = var
@@ -171,7 +165,7 @@ impl CustomOp3 for BatchNormReluTrain {
             shift,
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
+    });
 
     fn bwd(
         &self,
@@ -234,15 +228,7 @@ impl CustomOp2 for Backward {
         "cambrian-batch-norm-relu-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "batch norm input")?;
-        let dy = contiguous(s2, l2, "batch norm output gradient")?;
+    cpu_fwd!(self, x @ l1: "batch norm input", dy @ l2: "batch norm output gradient" => {
         let (n, c, plane) = dims(l1)?;
         let BatchStats {
             mean,
@@ -343,7 +329,7 @@ impl CustomOp2 for Backward {
             })
         };
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
-    }
+    });
 }
 
 /// One channel's map x ↦ x · scale + shift, before the ReLU.
@@ -432,24 +418,18 @@ impl CustomOp3 for BatchNormReluEval {
         "cambrian-batch-norm-relu-eval"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "batch norm input")?;
-        let scale = contiguous(s2, l2, "batch norm scale")?;
-        let shift = contiguous(s3, l3, "batch norm shift")?;
+    cpu_fwd!(
+        self,
+        x @ l1: "batch norm input",
+        scale @ l2: "batch norm scale",
+        shift @ l3: "batch norm shift"
+        => {
         let (_, c, plane) = dims(l1)?;
         Ok((
             CpuStorage::F32(scale_shift_relu(x, c, plane, scale, shift)),
             l1.shape().clone(),
         ))
-    }
+    });
 }
 
 #[cfg(test)]

@@ -23,14 +23,13 @@
 //! with 2.25× (3×3) to 2.5× (3×5) fewer multiplications: see `winograd.rs` and
 //! [`Dims::winograd`].
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::{col2im, im2col, scratch_len};
 use super::winograd::{Kernel, Taps, Winograd};
 use super::{
-    add_into, assume_written, contiguous, lane_sum, par_written, transpose, with_scratch,
-    GemmOperand,
+    add_into, assume_written, lane_sum, par_written, transpose, with_scratch, GemmOperand,
 };
 use crate::layers::Geometry;
 
@@ -132,18 +131,7 @@ impl CustomOp3 for Conv2d {
         "cambrian-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "conv2d input")?;
-        let w = contiguous(s2, l2, "conv2d kernel")?;
-        let b = contiguous(s3, l3, "conv2d bias")?;
+    cpu_fwd!(self, x @ l1: "conv2d input", w @ l2: "conv2d kernel", b @ l3: "conv2d bias" => {
         let d = Dims::new(l1.shape().dims4()?, l2.shape().dims4()?, self.geometry)?;
         let (k, p) = (d.k(), d.p());
         if b.len() != d.cout {
@@ -188,7 +176,7 @@ impl CustomOp3 for Conv2d {
             })
         };
         Ok((CpuStorage::F32(y), Shape::from((d.n, d.cout, d.oh, d.ow))))
-    }
+    });
 
     fn bwd(
         &self,
@@ -243,15 +231,7 @@ impl CustomOp2 for InputGrad {
         "cambrian-conv2d-input-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dy = contiguous(s1, l1, "conv2d output gradient")?;
-        let w = contiguous(s2, l2, "conv2d kernel")?;
+    cpu_fwd!(self, dy @ l1: "conv2d output gradient", w @ l2: "conv2d kernel" => {
         let d = Dims::new(self.input, l2.shape().dims4()?, self.geometry)?;
         let (k, p) = (d.k(), d.p());
         if dy.len() != d.n * d.cout * p {
@@ -298,7 +278,7 @@ impl CustomOp2 for InputGrad {
             })
         };
         Ok((CpuStorage::F32(dx), Shape::from(self.input)))
-    }
+    });
 }
 
 /// dW and db from (x, dy), packed into one vector: dW [Cout×K] then db [Cout].
@@ -312,15 +292,7 @@ impl CustomOp2 for WeightGrad {
         "cambrian-conv2d-weight-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "conv2d input")?;
-        let dy = contiguous(s2, l2, "conv2d output gradient")?;
+    cpu_fwd!(self, x @ l1: "conv2d input", dy @ l2: "conv2d output gradient" => {
         let d = Dims::new(l1.shape().dims4()?, self.kernel, self.geometry)?;
         let (k, p) = (d.k(), d.p());
         let size = d.cout * k;
@@ -395,25 +367,17 @@ impl CustomOp2 for WeightGrad {
             transpose(&dwt, k, d.cout, &mut sum[..size]);
         }
         Ok((CpuStorage::F32(sum), Shape::from(size + d.cout)))
-    }
+    });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::cpu::max_diff;
-    use candle_core::{Device, Var, D};
+    use crate::layers::cpu::{max_abs, max_diff};
+    use candle_core::{Device, Var};
 
     fn scale(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1.0)
+        max_abs(t).max(1.0)
     }
 
     /// The custom op against Candle's convolution (padding by hand where the two sides

@@ -112,7 +112,8 @@ impl CustomOp2 for Gradient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use crate::layers::cpu::max_diff;
+    use candle_core::{Device, Var};
 
     #[test]
     fn matches_candle_loss_and_gradient() {
@@ -127,16 +128,10 @@ mod tests {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         let ga = (ours * 3.0).unwrap().backward().unwrap();
         let gb = (reference * 3.0).unwrap().backward().unwrap();
-        let diff = (ga.get(logits.as_tensor()).unwrap() - gb.get(logits.as_tensor()).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(
+            ga.get(logits.as_tensor()).unwrap(),
+            gb.get(logits.as_tensor()).unwrap(),
+        );
         assert!(diff < 1e-6, "{diff}");
     }
 

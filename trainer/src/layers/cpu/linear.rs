@@ -13,10 +13,10 @@
 //! bias grad    db = Σn dy
 //! ```
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, transpose, GemmOperand};
+use super::{transpose, GemmOperand};
 
 /// Below this many multiply-adds a product runs on the calling thread; above it, in column
 /// (or row) blocks on rayon's threads.
@@ -30,18 +30,7 @@ impl CustomOp3 for Linear {
         "cambrian-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "linear input")?;
-        let w = contiguous(s2, l2, "linear weight")?;
-        let b = contiguous(s3, l3, "linear bias")?;
+    cpu_fwd!(self, x @ l1: "linear input", w @ l2: "linear weight", b @ l3: "linear bias" => {
         let (n, i) = l1.shape().dims2()?;
         let (o, wi) = l2.shape().dims2()?;
         if wi != i || b.len() != o {
@@ -66,7 +55,7 @@ impl CustomOp3 for Linear {
             );
         });
         Ok((CpuStorage::F32(y), Shape::from((n, o))))
-    }
+    });
 
     fn bwd(
         &self,
@@ -121,15 +110,7 @@ impl CustomOp2 for InputGrad {
         "cambrian-linear-input-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dy = contiguous(s1, l1, "linear output gradient")?;
-        let w = contiguous(s2, l2, "linear weight")?;
+    cpu_fwd!(self, dy @ l1: "linear output gradient", w @ l2: "linear weight" => {
         let (n, o) = l1.shape().dims2()?;
         let (_, i) = l2.shape().dims2()?;
         let mut dx = vec![0f32; n * i];
@@ -144,7 +125,7 @@ impl CustomOp2 for InputGrad {
             );
         });
         Ok((CpuStorage::F32(dx), Shape::from((n, i))))
-    }
+    });
 }
 
 /// dW [O×I] and db [O] from (x, dy), packed into one vector.
@@ -155,15 +136,7 @@ impl CustomOp2 for ParamGrad {
         "cambrian-linear-param-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "linear input")?;
-        let dy = contiguous(s2, l2, "linear output gradient")?;
+    cpu_fwd!(self, x @ l1: "linear input", dy @ l2: "linear output gradient" => {
         let (n, i) = l1.shape().dims2()?;
         let (_, o) = l2.shape().dims2()?;
         let mut grads = vec![0f32; o * i + o];
@@ -189,7 +162,7 @@ impl CustomOp2 for ParamGrad {
             }
         }
         Ok((CpuStorage::F32(grads), Shape::from(o * i + o)))
-    }
+    });
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! CPU kernels for the layers that dominate training time, as Candle custom ops with their
-//! own backward passes: convolution (im2col + GEMM, or Winograd for 3- and 5-tap filters at stride 1) and
-//! batch norm fused with its ReLU.
-//! Their CUDA counterparts are in `layers::cuda`.
+//! own backward passes: convolution (`conv`: im2col + GEMM, or Winograd for 3- and 5-tap
+//! filters at stride 1), batch norm fused with its ReLU, the classifier's linear layer, the
+//! skip addition and the loss. What they share: `buffers` (outputs and scratch), `gemm`
+//! (matrix products), `simd` (vectorised loops). Their CUDA counterparts are `layers::cuda`.
 
 /// Compiles an element-wise kernel (a free function) three times, for AVX-512, AVX2 and the
 /// SSE2 baseline, and picks the best the CPU has at run time. `gemm` does this for its own
@@ -16,6 +17,22 @@ macro_rules! vectorised {
             "x86_64+avx2+fma"
         ))]
         $kernel
+    };
+}
+
+/// The `cpu_fwd` of a custom op whose inputs are all contiguous f32 tensors: each input's data
+/// is bound under its name (checked as [`contiguous`] checks it, with `what` in the error)
+/// and its layout under the name after `@`, then the body runs. One signature and one input
+/// check for every op, so that an op's `cpu_fwd` starts where its own work does.
+macro_rules! cpu_fwd {
+    ($self:ident, $($data:ident @ $layout:ident : $what:literal),+ => $body:block) => {
+        fn cpu_fwd(
+            &$self,
+            $($data: &candle_core::CpuStorage, $layout: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let $data = $crate::layers::cpu::contiguous($data, $layout, $what)?;)+
+            $body
+        }
     };
 }
 
@@ -73,10 +90,15 @@ pub(crate) fn seeded_randn(
 /// compare a kernel with Candle's composed operations.
 #[cfg(test)]
 pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
+    max_abs(&(a - b).expect("tensors of one shape"))
+}
+
+/// The largest magnitude in a tensor: the scale a tolerance is relative to.
+#[cfg(test)]
+pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
         .and_then(|d| d.flatten_all())
         .and_then(|d| d.max(candle_core::D::Minus1))
         .and_then(|d| d.to_scalar())
-        .expect("tensors of one shape")
+        .expect("an f32 tensor")
 }

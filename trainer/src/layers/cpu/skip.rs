@@ -114,15 +114,7 @@ impl CustomOp2 for SkipAdd {
         "cambrian-skip-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let v = contiguous(s1, l1, "skip target")?;
-        let s = contiguous(s2, l2, "skip source")?;
+    cpu_fwd!(self, v @ l1: "skip target", s @ l2: "skip source" => {
         let target = l1.shape().dims4()?;
         let source = l2.shape().dims4()?;
         self.fit.check(source, target)?;
@@ -153,7 +145,7 @@ impl CustomOp2 for SkipAdd {
             })
         };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
+    });
 
     fn bwd(
         &self,
