@@ -10,7 +10,7 @@ use candle_core::Device;
 use clap::Args as ClapArgs;
 use population::dna::Dna;
 use trainer::bench::{self, BenchConfig};
-use trainer::layers::Kernels;
+use trainer::layers::{CpuConvolution, Kernels};
 
 use super::flags::{DeviceFlag, KernelFlags};
 
@@ -77,6 +77,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut report = bench::run(&dnas, &config, &device, &kernels, args.ops)?;
     if args.composed {
         report.implementation.push_str(" (composed ops)");
+    }
+    if kernels.cpu_convolution == CpuConvolution::Im2col {
+        report.implementation.push_str(" (im2col convolutions)");
     }
     if args.tf32 {
         report.implementation.push_str(" tf32");

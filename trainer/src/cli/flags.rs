@@ -9,7 +9,7 @@ use candle_core::Device;
 use clap::Args;
 use crds::Experiment;
 use population::store::{self, Population};
-use trainer::layers::{CudaConvolution, Kernels};
+use trainer::layers::{CpuConvolution, CudaConvolution, Kernels};
 
 /// How to reach an S3 store named on the command line (ignored for `file://` stores).
 #[derive(Args, Debug)]
@@ -58,10 +58,13 @@ impl DeviceFlag {
     }
 }
 
-/// How the CUDA path's convolutions run (ignored on the CPU).
+/// How convolutions run.
 #[derive(Args, Debug)]
 pub struct KernelFlags {
-    /// gemm (im2col + cuBLAS) or cudnn (a build with the cudnn feature).
+    /// CPU: auto (Winograd where the shape takes it, else im2col + GEMM) or im2col.
+    #[arg(long, env = "CAMBRIAN_CPU_CONV", default_value_t = CpuConvolution::Auto)]
+    pub cpu_conv: CpuConvolution,
+    /// CUDA: gemm (im2col + cuBLAS) or cudnn (a build with the cudnn feature).
     #[arg(long, env = "CAMBRIAN_CONV", default_value_t = CudaConvolution::Gemm)]
     pub cuda_conv: CudaConvolution,
     /// Sample groups of the GEMM convolutions (1: never group); default: chosen by shape.
@@ -74,6 +77,7 @@ impl KernelFlags {
     pub fn kernels(&self) -> Kernels {
         Kernels {
             path: None,
+            cpu_convolution: self.cpu_conv,
             cuda_convolution: self.cuda_conv,
             conv_groups: self.conv_groups,
         }

@@ -6,7 +6,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{Geometry, Kernels, Path};
+use super::{CpuConvolution, Geometry, Kernels, Path};
 use crate::weights::{Init, Parameters};
 
 #[derive(Clone, Debug)]
@@ -73,7 +73,10 @@ impl Conv2d {
             Path::Cpu => x.contiguous()?.apply_op3(
                 &weight.contiguous()?,
                 self.bias.as_tensor(),
-                super::cpu::conv::Conv2d { geometry },
+                super::cpu::conv::Conv2d {
+                    geometry,
+                    winograd: kernels.cpu_convolution == CpuConvolution::Auto,
+                },
             ),
             // The images (a tensor without gradient) need no input gradient.
             Path::Cuda => super::cuda::conv::conv2d(

@@ -33,12 +33,25 @@ pub enum CudaConvolution {
     Cudnn,
 }
 
+/// How CPU convolutions run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuConvolution {
+    /// Winograd where the shape takes it (stride 1, 3 or 5 taps, 8 or more channels), im2col
+    /// + GEMM elsewhere.
+    #[default]
+    Auto,
+    /// im2col + GEMM everywhere: the baseline Winograd is measured against
+    /// (`trainer bench --ops --cpu-conv im2col`).
+    Im2col,
+}
+
 /// The choice of kernels for one model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Kernels {
     /// Every layer on this path whatever the device; `None`: the project's kernels for the
     /// device (CPU or CUDA), Candle's composed operations on any other.
     pub path: Option<Path>,
+    pub cpu_convolution: CpuConvolution,
     pub cuda_convolution: CudaConvolution,
     /// Sample groups of a CUDA im2col convolution (1: never group); `None`: chosen by shape.
     pub conv_groups: Option<usize>,
@@ -53,6 +66,7 @@ impl Kernels {
     pub const fn on(path: Path) -> Self {
         Self {
             path: Some(path),
+            cpu_convolution: CpuConvolution::Auto,
             cuda_convolution: CudaConvolution::Gemm,
             conv_groups: None,
         }
@@ -93,6 +107,34 @@ impl FromStr for CudaConvolution {
     }
 }
 
+/// A CPU convolution that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown CPU convolution {name:?}: expected auto or im2col")]
+pub struct UnknownCpuConvolution {
+    pub name: String,
+}
+
+impl FromStr for CpuConvolution {
+    type Err = UnknownCpuConvolution;
+
+    fn from_str(s: &str) -> Result<Self, UnknownCpuConvolution> {
+        match s {
+            "auto" | "winograd" => Ok(Self::Auto),
+            "im2col" | "gemm" => Ok(Self::Im2col),
+            other => Err(UnknownCpuConvolution { name: other.into() }),
+        }
+    }
+}
+
+impl fmt::Display for CpuConvolution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuConvolution::Auto => "auto",
+            CpuConvolution::Im2col => "im2col",
+        })
+    }
+}
+
 impl fmt::Display for CudaConvolution {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -112,6 +154,8 @@ mod tests {
         assert_eq!(Kernels::COMPOSED.path(&Device::Cpu), Path::Composed);
         assert_eq!(Kernels::on(Path::Cuda).path(&Device::Cpu), Path::Cuda);
         assert_eq!("gemm".parse(), Ok(CudaConvolution::Gemm));
+        assert_eq!("im2col".parse(), Ok(CpuConvolution::Im2col));
+        assert!("fft".parse::<CpuConvolution>().is_err());
         assert!("winograd".parse::<CudaConvolution>().is_err());
         assert_eq!(
             "cudnn".parse::<CudaConvolution>().is_ok(),

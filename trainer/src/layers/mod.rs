@@ -14,7 +14,9 @@ mod resize;
 pub use batch_norm::BatchNormRelu;
 pub use conv::Conv2d;
 pub use geometry::Geometry;
-pub use kernels::{CudaConvolution, CudaConvolutionError, Kernels, Path};
+pub use kernels::{
+    CpuConvolution, CudaConvolution, CudaConvolutionError, Kernels, Path, UnknownCpuConvolution,
+};
 pub use linear::Linear;
 pub use resize::Resize;
 

@@ -124,6 +124,8 @@ impl Dims {
 /// y = conv2d(x, W) + b; differentiable in all three.
 pub struct Conv2d {
     pub geometry: Geometry,
+    /// Winograd where the shape takes it (all three passes); im2col + GEMM if false.
+    pub winograd: bool,
 }
 
 impl CustomOp3 for Conv2d {
@@ -139,6 +141,7 @@ impl CustomOp3 for Conv2d {
         }
         let winograd = d
             .winograd(d.cin, d.cout)
+            .filter(|_| self.winograd)
             .map(|shape| shape.prepare(w, Kernel::Forward));
         // SAFETY: chunk `image` holds that image's Cout rows of P outputs. Winograd's output
         // transform writes every one of them; otherwise each row is written with its
@@ -193,6 +196,7 @@ impl CustomOp3 for Conv2d {
             }
             let op = InputGrad {
                 geometry: self.geometry,
+                winograd: self.winograd,
                 input: x.dims4()?,
             };
             dy.apply_op2_no_bwd(w, &op).map(Some)
@@ -204,6 +208,7 @@ impl CustomOp3 for Conv2d {
         let weight_grad = || {
             let op = WeightGrad {
                 geometry: self.geometry,
+                winograd: self.winograd,
                 kernel,
             };
             x.apply_op2_no_bwd(&dy, &op)
@@ -223,6 +228,7 @@ impl CustomOp3 for Conv2d {
 /// dx from (dy, W).
 struct InputGrad {
     geometry: Geometry,
+    winograd: bool,
     input: (usize, usize, usize, usize),
 }
 
@@ -246,6 +252,7 @@ impl CustomOp2 for InputGrad {
         }
         let winograd = d
             .winograd(d.cout, d.cin)
+            .filter(|_| self.winograd)
             .map(|shape| shape.prepare(w, Kernel::Flipped));
         // Each image's gradient is zeroed by the thread that scatters into it: zeroed up
         // front (`vec![0.0; …]`), the whole batch's was a serial memset on the calling thread
@@ -284,6 +291,7 @@ impl CustomOp2 for InputGrad {
 /// dW and db from (x, dy), packed into one vector: dW [Cout×K] then db [Cout].
 struct WeightGrad {
     geometry: Geometry,
+    winograd: bool,
     kernel: (usize, usize, usize, usize),
 }
 
@@ -304,7 +312,7 @@ impl CustomOp2 for WeightGrad {
         let transposed = k >= d.cout;
         // Winograd's where the forward pass takes it: each thread sums dU, the gradient of the
         // transformed kernels, and the total becomes dW once at the end.
-        let winograd = d.winograd(d.cin, d.cout);
+        let winograd = d.winograd(d.cin, d.cout).filter(|_| self.winograd);
         let summed = winograd.map_or(size, |shape| shape.gradient_len());
         // Each thread sums its images' products into its own buffer; the buffers are added.
         let threads = rayon::current_num_threads().max(1);
@@ -419,7 +427,9 @@ mod tests {
             (2, 3, 10, 6, 16, 3, 3, 1, 1, 1),
             (2, 3, 6, 6, 12, 3, 5, 1, 1, 2),
         ];
-        for (n, cin, h, w, cout, kh, kw, s, ph, pw) in cases {
+        // Every case both ways: Winograd where the shape takes it, and im2col + GEMM.
+        let both = cases.iter().flat_map(|&case| [(case, true), (case, false)]);
+        for ((n, cin, h, w, cout, kh, kw, s, ph, pw), winograd) in both {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1., (n, cin, h, w), &d).unwrap()).unwrap();
             let k = Var::from_tensor(&Tensor::randn(0f32, 0.5, (cout, cin, kh, kw), &d).unwrap())
@@ -448,6 +458,7 @@ mod tests {
                             pad_h: ph,
                             pad_w: pw,
                         },
+                        winograd,
                     },
                 )
                 .unwrap();
@@ -465,7 +476,7 @@ mod tests {
             assert!(
                 max_diff(&ours, &reference) < 1e-4 * scale(&reference),
                 "forward {:?}",
-                (n, cin, h, w, cout, kh, kw, s)
+                (n, cin, h, w, cout, kh, kw, s, winograd)
             );
             let ga = (&ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let gb = (&reference * &g)
@@ -480,7 +491,7 @@ mod tests {
                 assert!(
                     max_diff(a, b) < 1e-4 * scale(b),
                     "{name} gradient {:?}",
-                    (n, cin, h, w, cout, kh, kw, s)
+                    (n, cin, h, w, cout, kh, kw, s, winograd)
                 );
             }
         }
@@ -502,6 +513,7 @@ mod tests {
                         pad_h: 1,
                         pad_w: 1,
                     },
+                    winograd: true,
                 },
             )
             .unwrap();
