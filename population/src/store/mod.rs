@@ -25,6 +25,13 @@ use bytes::Bytes;
 pub enum StoreError {
     #[error("invalid store key {key:?}: {reason}")]
     InvalidKey { key: String, reason: String },
+    /// Its reason is not a `source`: the message already says it, and error chains would
+    /// print it twice.
+    #[error("store URL {url:?}: {reason}")]
+    Url {
+        url: String,
+        reason: crds::StoreUrlError,
+    },
     #[error("{store}: {operation} {key}: {message}")]
     Backend {
         store: String,
@@ -75,9 +82,9 @@ pub async fn open_with_credentials(
     store: &crds::StoreSpec,
     credentials: Option<(String, String)>,
 ) -> Result<Arc<dyn ObjectStore>, StoreError> {
-    match crds::parse_store_url(&store.url).map_err(|e| StoreError::InvalidKey {
-        key: store.url.clone(),
-        reason: e.to_string(),
+    match crds::parse_store_url(&store.url).map_err(|reason| StoreError::Url {
+        url: store.url.clone(),
+        reason,
     })? {
         crds::StoreLocation::File { path } => Ok(Arc::new(FileStore::open(path.as_ref()).await?)),
         crds::StoreLocation::S3 { bucket, prefix } => Ok(Arc::new(

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use crds::Experiment;
@@ -36,7 +36,6 @@ impl S3Flags {
             credentials_secret: None,
             retention: crds::Retention::Retain,
         };
-        crds::parse_store_url(url).with_context(|| format!("store URL {url:?}"))?;
         Ok(Population::new(store::open(&spec).await?))
     }
 }

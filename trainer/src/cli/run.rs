@@ -48,10 +48,12 @@ pub async fn run(args: Args) -> Result<()> {
     if let Some(workers) = args.workers {
         spec.workers = Some(workers);
     }
-    let spec = crds::validate(&spec).context("the manifest with the command line's overrides")?;
+    let spec = crds::ValidatedSpec::try_from(spec)
+        .context("the manifest with the command line's overrides")?;
     let name = experiment.name;
-    let default_device = spec.worker.device.clone().unwrap_or_else(|| "auto".into());
-    let device = args.device.open(&default_device)?;
+    let device = args
+        .device
+        .open(spec.worker.device.as_deref().unwrap_or("auto"))?;
 
     let (data_dir, split) = super::training_data(&spec, args.data.data).await?;
     let population = Population::new(store::open(&spec.store).await?);
@@ -75,7 +77,7 @@ pub async fn run(args: Args) -> Result<()> {
         ..CandleTrainer::for_spec(
             &spec.training,
             Arc::new(split),
-            device,
+            device.clone(),
             spec.workers() as usize,
         )
     });
@@ -124,7 +126,7 @@ pub async fn run(args: Args) -> Result<()> {
         ReportTarget {
             out,
             data: Some(data_dir),
-            device: args.device.open(&default_device)?,
+            device,
         },
     )
     .await
