@@ -35,6 +35,13 @@ use crate::status::EvolutionExperimentStatus;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.workers) || self.workers <= self.population", "message": "spec.workers must be at most spec.population"},
+    {"rule": "self.population == oldSelf.population", "message": "spec.population cannot change: the store holds this experiment's population; start a new experiment with another store URL"},
+    {"rule": "self.mutationRate == oldSelf.mutationRate", "message": "spec.mutationRate cannot change while the experiment exists; start a new experiment with another store URL"},
+    {"rule": "self.seed == oldSelf.seed", "message": "spec.seed cannot change while the experiment exists; start a new experiment with another store URL"},
+    {"rule": "has(self.training) == has(oldSelf.training) && (!has(self.training) || self.training == oldSelf.training)", "message": "spec.training cannot change while the experiment exists; start a new experiment with another store URL"},
+    {"rule": "has(self.data) == has(oldSelf.data) && (!has(self.data) || self.data == oldSelf.data)", "message": "spec.data cannot change while the experiment exists; start a new experiment with another store URL"},
+    {"rule": "has(self.controls) == has(oldSelf.controls) && (!has(self.controls) || self.controls == oldSelf.controls)", "message": "spec.controls cannot change while the experiment exists; start a new experiment with another store URL"},
+    {"rule": "self.store.url == oldSelf.store.url && has(self.store.endpoint) == has(oldSelf.store.endpoint) && (!has(self.store.endpoint) || self.store.endpoint == oldSelf.store.endpoint)", "message": "spec.store.url and spec.store.endpoint cannot change: they name where the population is"},
 ]))]
 pub struct EvolutionExperimentSpec {
     /// Individuals alive at any time (the paper's P).

@@ -12,7 +12,9 @@ pub struct EvolutionExperimentStatus {
     pub phase: Option<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// One per type: a map keyed by type, so that server-side apply merges them by type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Workers the trainer Job runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,9 +33,12 @@ pub struct EvolutionExperimentStatus {
     /// Seconds workers spent producing individuals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_seconds: Option<f64>,
-    /// Worker pods that failed so far.
+    /// Worker pods that failed so far, in every workers Job the experiment had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_workers: Option<u32>,
+    /// Workers Jobs replaced after they gave up on failing pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_restarts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -164,3 +164,37 @@ mod tests {
         assert!(serde_json::from_str::<IndividualId>("\"../../etc\"").is_err());
     }
 }
+
+/// The one order in which every reader ranks individuals, so that the operator's status and
+/// the final evaluation name the same best individual: higher validation accuracy as store
+/// keys write it (six decimals, so that a key and a record never disagree), then the earlier
+/// id (ids begin with their birth time), so that ties have one winner.
+pub fn rank(a: (f64, &IndividualId), b: (f64, &IndividualId)) -> std::cmp::Ordering {
+    let micro = |f: f64| (f * 1e6).round() as i64;
+    micro(a.0).cmp(&micro(b.0)).then_with(|| b.1.cmp(a.1))
+}
+
+#[cfg(test)]
+mod rank_tests {
+    use super::*;
+
+    #[test]
+    fn ties_go_to_the_earlier_id() {
+        let early = IndividualId::parse("18f00000000-00000001").unwrap();
+        let late = IndividualId::parse("18f00000001-00000001").unwrap();
+        let best = [(0.75, &late), (0.75, &early), (0.5, &early)]
+            .into_iter()
+            .max_by(|a, b| rank(*a, *b))
+            .unwrap();
+        assert_eq!(best.1, &early);
+        // Within the precision keys keep, a record's extra digits do not decide.
+        assert_eq!(
+            rank((0.7500001, &late), (0.75, &early)),
+            std::cmp::Ordering::Less
+        );
+        assert_eq!(
+            rank((0.76, &late), (0.75, &early)),
+            std::cmp::Ordering::Greater
+        );
+    }
+}

@@ -43,7 +43,13 @@ pub async fn stop_reason(
     if let Some(marker) = population.stop_marker().await? {
         return Ok(Some(marker.reason));
     }
-    let stop = &record.spec.stop;
+    // The stop conditions may have been edited since this process read the record (the
+    // operator rewrites them when spec.stop changes): the stored ones decide.
+    let current = population.experiment().await?;
+    let stop = current
+        .as_ref()
+        .map(|r| &r.spec.stop)
+        .unwrap_or(&record.spec.stop);
     if let Some(wall) = stop
         .wall_time
         .as_deref()

@@ -1,6 +1,8 @@
 //! `trainer`: one binary for every job of an evolution worker (see the README). Each command
 //! is a module of `cli` with its arguments and its `run`.
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -39,7 +41,20 @@ enum Command {
     CheckOps(cli::check_ops::Args),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    match command() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            match error.downcast_ref::<cli::Exit>() {
+                Some(exit) => ExitCode::from(exit.code()),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn command() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

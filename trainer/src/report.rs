@@ -54,13 +54,12 @@ pub struct Gathered {
 }
 
 impl Gathered {
-    /// The best individual by validation accuracy, alive or dead (earliest wins ties).
+    /// The best individual by validation accuracy, alive or dead, ranked as the status ranks
+    /// it ([`population::individual::rank`]).
     pub fn best(&self) -> Option<&Individual> {
-        self.individuals.iter().max_by(|a, b| {
-            a.fitness()
-                .total_cmp(&b.fitness())
-                .then(b.born_at_ms.cmp(&a.born_at_ms))
-        })
+        self.individuals
+            .iter()
+            .max_by(|a, b| population::individual::rank((a.fitness(), &a.id), (b.fitness(), &b.id)))
     }
 }
 

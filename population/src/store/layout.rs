@@ -27,6 +27,8 @@ pub const DEAD: &str = "dead/";
 pub const PROGRESS: &str = "progress/";
 pub const CONTROL: &str = "control/";
 pub const STOP: &str = "control/stop";
+/// Which Kubernetes object owns the store (see [`StoreOwner`](super::StoreOwner)).
+pub const OWNER: &str = "control/owner";
 pub const EVALUATION: &str = "evaluation/";
 
 /// Every prefix under which the experiment keeps objects (besides [`EXPERIMENT`]).

@@ -12,7 +12,7 @@ mod s3;
 pub use counting::{CountingStore, RequestCounts};
 pub use file::FileStore;
 pub use layout::{check_worker_name, AliveEntry, InvalidWorkerName, ProgressEntry};
-pub use population::{ExperimentRecord, Population, StopMarker, Summary, TestResult};
+pub use population::{ExperimentRecord, Population, StopMarker, StoreOwner, Summary, TestResult};
 pub use s3::{S3Settings, S3Store};
 
 use std::fmt::Debug;

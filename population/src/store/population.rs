@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{
     self, alive_key, check_worker_name, dead_key, evaluation_key, record_key, slot_key,
-    weights_key, AliveEntry, ProgressEntry, ALIVE, DEAD, EXPERIMENT, INDIVIDUALS, PROGRESS, SLOTS,
-    STOP,
+    weights_key, AliveEntry, ProgressEntry, ALIVE, DEAD, EXPERIMENT, INDIVIDUALS, OWNER, PROGRESS,
+    SLOTS, STOP,
 };
 use super::{ObjectStore, StoreError};
 use crate::dna::Dna;
@@ -25,6 +25,22 @@ pub struct ExperimentRecord {
     pub name: String,
     pub spec: crds::EvolutionExperimentSpec,
     pub created_at_ms: u64,
+}
+
+/// The Kubernetes object an experiment's store belongs to. Two experiments given the same
+/// URL would otherwise share one population, and deleting one with `retention: Delete` would
+/// empty the other's; the first to claim the store owns it until it is emptied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreOwner {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for StoreOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} (uid {})", self.namespace, self.name, self.uid)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -287,6 +303,41 @@ impl Population {
         Ok(ids)
     }
 
+    /// Claims the store for `owner` unless someone has already; returns the owner it has.
+    pub async fn claim(&self, owner: &StoreOwner) -> Result<StoreOwner, StoreError> {
+        let body = Bytes::from(serde_json::to_vec_pretty(owner).expect("serialisable"));
+        if self.store.put_new(OWNER, body).await? {
+            return Ok(owner.clone());
+        }
+        self.owner().await?.ok_or_else(|| {
+            self.corrupt(OWNER, "it vanished right after a create-only write failed")
+        })
+    }
+
+    pub async fn owner(&self) -> Result<Option<StoreOwner>, StoreError> {
+        let Some(bytes) = self.store.get(OWNER).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(OWNER, e))
+    }
+
+    /// Replaces the recorded stop conditions with `stop`: they are the one part of a running
+    /// experiment's spec that may change. Returns whether the record changed.
+    pub async fn update_stop(&self, stop: &crds::StopSpec) -> Result<bool, StoreError> {
+        let Some(mut record) = self.experiment().await? else {
+            return Ok(false);
+        };
+        if record.spec.stop == *stop {
+            return Ok(false);
+        }
+        record.spec.stop = stop.clone();
+        let body = serde_json::to_vec_pretty(&record).expect("serialisable");
+        self.store.put(EXPERIMENT, Bytes::from(body)).await?;
+        Ok(true)
+    }
+
     pub async fn stop_marker(&self) -> Result<Option<StopMarker>, StoreError> {
         match self.store.get(STOP).await? {
             None => Ok(None),
@@ -354,7 +405,7 @@ impl Population {
         let best = alive
             .iter()
             .chain(progress.iter().filter_map(|p| p.best.as_ref()))
-            .max_by(|a, b| a.fitness.total_cmp(&b.fitness))
+            .max_by(|a, b| crate::individual::rank((a.fitness, &a.id), (b.fitness, &b.id)))
             .cloned();
         Ok(Summary {
             alive: alive.len(),

@@ -108,7 +108,18 @@ impl ExperimentFlags {
     pub fn load(&self) -> Result<Option<Experiment>> {
         Ok(match (&self.manifest, &self.experiment) {
             (Some(path), _) => Some(crds::manifest::load(path)?),
-            (None, Some(json)) => Some(crds::manifest::parse("CAMBRIAN_EXPERIMENT", json)?),
+            (None, Some(json)) => {
+                let (experiment, dropped) =
+                    crds::manifest::parse_from_operator("CAMBRIAN_EXPERIMENT", json)?;
+                if !dropped.is_empty() {
+                    tracing::warn!(
+                        experiment = %experiment.name,
+                        fields = ?dropped,
+                        "the operator is newer than this trainer: ignoring fields it does not know (use a trainer image of the operator's version to use them)"
+                    );
+                }
+                Some(experiment)
+            }
             (None, None) => None,
         })
     }

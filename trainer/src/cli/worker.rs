@@ -1,6 +1,7 @@
 //! `trainer worker`: the entry point of a trainer pod. Settings come from a manifest file or
 //! from the environment the operator sets; the worker runs until the experiment stops.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,11 +9,12 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use population::seed::worker_seed;
 use population::stop::{spawn_watch, StopFlag};
-use population::store::{self, check_worker_name, Population};
+use population::store::{self, check_worker_name, Population, StoreError};
 use trainer::child::CandleTrainer;
 use trainer::worker::{self, WorkerSettings};
 
 use super::flags::{DataFlag, DeviceFlag, ExperimentFlags, KernelFlags};
+use super::{worker_name, Exit};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -35,34 +37,41 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let configuration = |e: anyhow::Error| anyhow::Error::new(Exit::Configuration(e));
     let experiment = args
         .experiment
-        .load()?
-        .context("no experiment: pass --manifest or set CAMBRIAN_EXPERIMENT")?;
+        .load()
+        .map_err(configuration)?
+        .context("no experiment: pass --manifest or set CAMBRIAN_EXPERIMENT")
+        .map_err(configuration)?;
     let spec = experiment.spec;
     let base = args
         .name
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("worker-{}", super::random_suffix()))
-        .to_ascii_lowercase();
+        .unwrap_or_else(|| "worker".into());
     // A restarted pod keeps its name; the suffix keeps its progress apart from its
     // predecessor's.
-    let base = format!("{}-{}", &base[..base.len().min(50)], super::random_suffix());
-    check_worker_name(&base)?;
-    let device = args.device.open("auto")?;
+    let base = format!("{}-{}", worker_name(&base), super::random_suffix());
+    check_worker_name(&base).map_err(|e| configuration(e.into()))?;
+    let device = args.device.open("auto").map_err(configuration)?;
     let (_, split) = super::training_data(&spec, args.data.data).await?;
     let population = Population::new(store::open(&spec.store).await?);
-    let record = population.start_experiment(&experiment.name, &spec).await?;
+    let record = match population.start_experiment(&experiment.name, &spec).await {
+        Err(e @ StoreError::Conflict { .. }) => return Err(configuration(e.into())),
+        other => other?,
+    };
     let stop = Arc::new(StopFlag::default());
     let watcher = spawn_watch(&population, &record, &stop, Duration::from_secs(10));
+    let terminated = Arc::new(AtomicBool::new(false));
     {
-        let stop = stop.clone();
+        let (stop, terminated) = (stop.clone(), terminated.clone());
         tokio::spawn(async move {
             #[cfg(unix)]
             if let Ok(mut term) =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             {
                 term.recv().await;
+                terminated.store(true, Ordering::SeqCst);
                 stop.stop("the pod is terminating");
             }
         });
@@ -95,6 +104,11 @@ pub async fn run(args: Args) -> Result<()> {
             conflicts = report.conflicts,
             "worker loop done"
         );
+    }
+    // Exiting 0 tells the Job this pod's work is done, which is true only once the experiment
+    // has stopped; a pod stopped for any other reason must be replaced.
+    if terminated.load(Ordering::SeqCst) && population.stop_marker().await?.is_none() {
+        return Err(Exit::Terminated.into());
     }
     Ok(())
 }
