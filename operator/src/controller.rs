@@ -3,31 +3,45 @@
 //! `reconcile` only hands the object to kube-runtime's finalizer helper, which calls
 //! [`apply`] or [`cleanup`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crds::{
-    EvolutionExperiment, EvolutionExperimentStatus, Experiment, Phase, Retention, SpecError,
-};
+use crds::{EvolutionExperiment, EvolutionExperimentStatus, Experiment, Phase, Retention};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use population::stop::stop_reason;
-use population::store::{self, Population};
+use population::store::{self, Population, StoreError, StoreOwner};
 
 use crate::events::{publish, Reason};
 use crate::jobs::{self, JobSettings, JobState};
 use crate::metrics::Metrics;
-use crate::status::{self, already_said, ConditionReason, ConditionType, Observation, StoreView};
+use crate::status::{
+    self, already_said, condition_of, ConditionReason, ConditionType, Observation, Refusal,
+    StoreView,
+};
 use crate::{Error, Result, FINALIZER, MANAGER};
+
+/// Which stores the operator accepts on a cluster.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StorePolicy {
+    /// `file://` stores: a folder inside each pod, so every worker would keep a private
+    /// population. Only where every pod mounts the same folder (one node, a hostPath).
+    pub allow_file_stores: bool,
+    /// S3 stores without `credentialsSecret`, reached with the operator's and the workers'
+    /// own identity (IRSA, instance profiles). Off: an experiment could otherwise read and
+    /// delete any prefix that identity reaches.
+    pub ambient_credentials: bool,
+}
 
 /// What every reconcile needs.
 pub struct Context {
@@ -35,8 +49,14 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub jobs: JobSettings,
+    pub stores: StorePolicy,
+    /// Failed workers Jobs replaced before the experiment is marked Failed.
+    pub max_worker_restarts: u32,
     /// How often a running experiment's status is refreshed from its store.
     pub refresh: Duration,
+    /// Store clients by experiment, reused while the store and its credentials stay the
+    /// same: building an S3 client costs more than the reads a reconcile makes.
+    populations: Mutex<HashMap<String, (String, Population)>>,
 }
 
 impl Context {
@@ -50,7 +70,10 @@ impl Context {
             client,
             metrics,
             jobs,
+            stores: StorePolicy::default(),
+            max_worker_restarts: 3,
             refresh: Duration::from_secs(30),
+            populations: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -70,6 +93,12 @@ pub async fn reconcile(exp: Arc<EvolutionExperiment>, ctx: Arc<Context>) -> Resu
 }
 
 pub fn error_policy(exp: Arc<EvolutionExperiment>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Finalizer(inner) = error {
+        if let kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(what)) = &**inner {
+            tracing::debug!(experiment = %exp.name_any(), waiting_for = %what, "cleanup waits");
+            return Action::requeue(Duration::from_secs(2));
+        }
+    }
     tracing::warn!(experiment = %exp.name_any(), error = %error, "reconcile failed");
     ctx.metrics.failure(error.kind());
     Action::requeue(Duration::from_secs(15))
@@ -91,6 +120,7 @@ async fn population(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Population> {
+    let mut key = serde_json::to_string(&exp.spec.store).unwrap_or_default();
     let credentials = match &exp.spec.store.credentials_secret {
         None => None,
         Some(name) => {
@@ -99,6 +129,7 @@ async fn population(
                 name: name.clone(),
                 reason: "not found in the experiment's namespace".into(),
             })?;
+            key.push_str(&secret.resource_version().unwrap_or_default());
             let value = |key: &str| -> Result<String> {
                 let bytes = secret
                     .data
@@ -116,8 +147,52 @@ async fn population(
             Some((value("AWS_ACCESS_KEY_ID")?, value("AWS_SECRET_ACCESS_KEY")?))
         }
     };
+    let uid = exp.uid().unwrap_or_else(|| exp.name_any());
+    if let Ok(cache) = ctx.populations.lock() {
+        if let Some((cached, population)) = cache.get(&uid) {
+            if *cached == key {
+                return Ok(population.clone());
+            }
+        }
+    }
     let store = store::open_with_credentials(&exp.spec.store, credentials).await?;
-    Ok(Population::new(store))
+    let population = Population::new(store);
+    if let Ok(mut cache) = ctx.populations.lock() {
+        cache.insert(uid, (key, population.clone()));
+    }
+    Ok(population)
+}
+
+fn owner_of(exp: &EvolutionExperiment) -> StoreOwner {
+    StoreOwner {
+        namespace: exp.namespace().unwrap_or_default(),
+        name: exp.name_any(),
+        uid: exp.uid().unwrap_or_default(),
+    }
+}
+
+/// What the operator refuses to run on a cluster, whatever the spec's own validity.
+fn refusal_for_cluster(exp: &EvolutionExperiment, policy: StorePolicy) -> Option<Refusal> {
+    let store = &exp.spec.store;
+    if store.url.starts_with("file://") && !policy.allow_file_stores {
+        return Some(Refusal {
+            reason: ConditionReason::StoreNotShared,
+            message: format!(
+                "store.url {} is a folder inside each pod, so every worker would keep a population of its own; use an s3:// store on a cluster (file:// is for `trainer run` on one machine)",
+                store.url
+            ),
+        });
+    }
+    if store.url.starts_with("s3://")
+        && store.credentials_secret.is_none()
+        && !policy.ambient_credentials
+    {
+        return Some(Refusal {
+            reason: ConditionReason::NoCredentials,
+            message: "store.credentialsSecret is not set: name a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or install the operator with store.ambientCredentials=true to use the pods' own identity".into(),
+        });
+    }
+    None
 }
 
 /// Reads what the status needs from the store: two LISTs (`alive/`, `progress/`) and a few
@@ -127,6 +202,11 @@ pub async fn observe_store(experiment: &Experiment, population: &Population) -> 
     let record = population
         .start_experiment(&experiment.name, &experiment.spec)
         .await?;
+    // Stop conditions are the one part of a running experiment that may be edited: the
+    // stored record, which workers read, follows the spec.
+    if record.spec.stop != experiment.spec.stop {
+        population.update_stop(&experiment.spec.stop).await?;
+    }
     let mut stop = population.stop_marker().await?;
     if stop.is_none() {
         if let Some(reason) = stop_reason(population, &record).await? {
@@ -193,13 +273,44 @@ pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
     };
     let experiment = match Experiment::of(exp) {
         Ok(experiment) => experiment,
-        Err(error) => return refuse(exp, ctx, &previous, obs, error).await,
+        Err(error) => {
+            let refusal = Refusal {
+                reason: ConditionReason::InvalidSpec,
+                message: error.to_string(),
+            };
+            return refuse(exp, ctx, &previous, obs, refusal).await;
+        }
     };
+    if let Some(refusal) = refusal_for_cluster(exp, ctx.stores) {
+        return refuse(exp, ctx, &previous, obs, refusal).await;
+    }
 
     let view = match population(exp, ctx, &namespace).await {
-        Ok(population) => observe_store(&experiment, &population).await,
+        Ok(population) => match claim(exp, &population).await {
+            Ok(()) => observe_store(&experiment, &population).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
+    // A store that holds another experiment, or this one with another spec, is not a store
+    // problem: the spec must change. Running Jobs are left as they are.
+    let conflict = match &view {
+        Err(Error::Store(StoreError::Conflict { store, message })) => Some(Refusal {
+            reason: ConditionReason::ImmutableField,
+            message: format!("store {store}: {message}"),
+        }),
+        Err(Error::StoreInUse(owner)) => Some(Refusal {
+            reason: ConditionReason::StoreInUse,
+            message: format!(
+                "store {} belongs to experiment {owner}; give this experiment a store URL of its own",
+                exp.spec.store.url
+            ),
+        }),
+        _ => None,
+    };
+    if let Some(refusal) = conflict {
+        return refuse(exp, ctx, &previous, obs, refusal).await;
+    }
     let store_error = view.as_ref().err().map(|e| e.to_string());
     obs.store = Some(view.map_err(|e| e.to_string()));
     let stopped = obs
@@ -209,18 +320,42 @@ pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
         .is_some_and(|v| v.stop.is_some());
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    obs.workers = JobState::of(jobs.get_opt(&jobs::workers_name(exp)).await?.as_ref());
+    let existing = jobs.get_opt(&jobs::workers_name(exp)).await?;
+    obs.workers = JobState::of(existing.as_ref());
+    let mut restarts = previous.worker_restarts.unwrap_or(0);
     let requeue = if !stopped {
-        ensure_workers(exp, ctx, &jobs, &obs.workers).await?
-    } else if obs.workers.active == 0 {
+        let outcome = ensure_workers(exp, ctx, &jobs, &obs.workers, &previous).await?;
+        restarts += u32::from(outcome.restarted);
+        obs.workers_failed = outcome.gave_up;
+        outcome.requeue
+    } else if obs.workers.active > 0 {
+        // Stopped: running workers finish their child and exit; pods that never started
+        // (unschedulable, no image) would keep the experiment Stopping for ever, so once no
+        // worker is ready the Job is suspended, which removes them.
+        if obs.workers.ready == 0 && !obs.workers.deleting {
+            let history = obs.workers.history;
+            apply_job(&jobs, &jobs::workers(exp, &ctx.jobs, true, history)).await?;
+        }
+        Duration::from_secs(5)
+    } else {
         obs.evaluation = ensure_evaluation(exp, ctx, &jobs).await?;
         Duration::from_secs(10)
-    } else {
-        ctx.refresh
     };
 
-    let status = status::compute(&experiment.spec, &previous, &obs, &now());
-    announce(exp, ctx, &previous, &status, store_error.as_deref()).await?;
+    let mut status = status::compute(&experiment.spec, &previous, &obs, &now());
+    status.worker_restarts = (restarts > 0).then_some(restarts);
+    tracing::debug!(
+        experiment = %experiment.name,
+        namespace = %namespace,
+        phase = ?status.phase,
+        stopped,
+        active = obs.workers.active,
+        ready = obs.workers.ready,
+        trained = ?status.trained,
+        store_error = ?store_error,
+        "reconciled"
+    );
+    announce(exp, ctx, &previous, &status, store_error.as_deref()).await;
     write_status(exp, ctx, &status).await?;
     ctx.metrics
         .experiment(&namespace, &experiment.name, &status);
@@ -230,62 +365,144 @@ pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
     })
 }
 
-/// An invalid spec: say why once, report it, and run nothing until the spec changes (which
-/// triggers a reconcile by itself).
+/// Claims the store for this experiment, or finds that another one owns it.
+async fn claim(exp: &EvolutionExperiment, population: &Population) -> Result<()> {
+    let owner = owner_of(exp);
+    let found = population.claim(&owner).await?;
+    if found.uid == owner.uid {
+        Ok(())
+    } else {
+        Err(Error::StoreInUse(found))
+    }
+}
+
+/// A spec the operator will not run: say why once, report it, and run nothing new until the
+/// spec changes (which triggers a reconcile by itself).
 async fn refuse(
     exp: &EvolutionExperiment,
     ctx: &Context,
     previous: &EvolutionExperimentStatus,
     mut obs: Observation,
-    error: SpecError,
+    refusal: Refusal,
 ) -> Result<Action> {
-    let message = error.to_string();
-    obs.spec_error = Some(error);
-    let status = status::compute(&exp.spec, previous, &obs, &now());
     let said = already_said(
         previous,
         ConditionType::Valid,
-        ConditionReason::InvalidSpec,
-        &message,
+        refusal.reason,
+        &refusal.message,
     );
     if !said {
-        publish(exp, ctx, Reason::InvalidSpec, message).await?;
+        let reason = match refusal.reason {
+            ConditionReason::InvalidSpec => Reason::InvalidSpec,
+            _ => Reason::Refused,
+        };
+        publish(exp, ctx, reason, refusal.message.clone()).await;
     }
+    obs.refusal = Some(refusal);
+    let status = status::compute(&exp.spec, previous, &obs, &now());
     write_status(exp, ctx, &status).await?;
     Ok(Action::await_change())
 }
 
-/// The workers Job as the spec says (parallelism, suspension), created if missing; a Job that
-/// gave up after too many failed pods is deleted so that the next reconcile starts a new one,
-/// continuing from the store. Returns when to reconcile next.
+/// What [`ensure_workers`] did.
+struct WorkersOutcome {
+    requeue: Duration,
+    /// A failed Job was replaced.
+    restarted: bool,
+    /// The workers will not be replaced again, and why.
+    gave_up: Option<String>,
+}
+
+/// The workers Job as the spec says. Parallelism and suspension are patched in place; any
+/// other change (image, resources, placement) needs a new pod template, which a Job cannot
+/// take, so the Job is replaced and the new workers continue from the store. A Job that gave
+/// up after too many failed pods is replaced too, up to `max_worker_restarts` times; one that
+/// failed on a configuration error is not, since its replacement would fail the same way.
 async fn ensure_workers(
     exp: &EvolutionExperiment,
     ctx: &Context,
     jobs: &Api<Job>,
     workers: &JobState,
-) -> Result<Duration> {
+    previous: &EvolutionExperimentStatus,
+) -> Result<WorkersOutcome> {
+    let outcome = |requeue, restarted, gave_up| WorkersOutcome {
+        requeue,
+        restarted,
+        gave_up,
+    };
+    if workers.deleting {
+        return Ok(outcome(Duration::from_secs(2), false, None));
+    }
+    let restarts = previous.worker_restarts.unwrap_or(0);
     if workers.failed && !workers.succeeded {
-        jobs.delete(
+        let (reason, message) = workers.failure.clone().unwrap_or_default();
+        if workers.misconfigured() {
+            let why = format!(
+                "a worker reported a configuration error (exit {}), so the workers Job failed: {message}; see the logs of its pods, fix the spec or the image, and the workers restart",
+                jobs::CONFIGURATION_EXIT
+            );
+            return Ok(outcome(ctx.refresh, false, Some(why)));
+        }
+        if restarts >= ctx.max_worker_restarts {
+            let why = format!(
+                "the workers Job failed {} times ({reason}: {message}); not replacing it again: see the logs of its pods",
+                restarts + 1
+            );
+            return Ok(outcome(ctx.refresh, false, Some(why)));
+        }
+        delete_job(
+            jobs,
             &jobs::workers_name(exp),
-            &DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                ..DeleteParams::default()
-            },
+            PropagationPolicy::Background,
         )
         .await?;
         let note = format!(
-            "the workers Job failed after {} failed pods; starting a new one",
-            workers.failed_pods
+            "the workers Job failed after {} failed pods ({reason}); starting a new one ({} of {} replacements)",
+            workers.failed_pods,
+            restarts + 1,
+            ctx.max_worker_restarts
         );
-        publish(exp, ctx, Reason::WorkersRestarted, note).await?;
-        return Ok(Duration::from_secs(5));
+        publish(exp, ctx, Reason::WorkersRestarted, note).await;
+        return Ok(outcome(Duration::from_secs(2), true, None));
     }
-    apply_job(jobs, &jobs::workers(exp, &ctx.jobs)).await?;
+    let history = if workers.exists {
+        workers.history
+    } else {
+        jobs::History {
+            restarts,
+            failed_before: previous.failed_workers.unwrap_or(0),
+        }
+    };
+    let desired = jobs::workers(exp, &ctx.jobs, exp.spec.suspend, history);
+    if workers.exists && workers.template_hash.as_deref() != jobs::template_hash(&desired) {
+        delete_job(
+            jobs,
+            &jobs::workers_name(exp),
+            PropagationPolicy::Background,
+        )
+        .await?;
+        let note = "the workers' pod template changed (image, resources, device or placement), which a Job cannot take: replacing the workers Job; the population continues from the store".into();
+        publish(exp, ctx, Reason::WorkersReplaced, note).await;
+        return Ok(outcome(Duration::from_secs(2), false, None));
+    }
+    apply_job(jobs, &desired).await?;
     if !workers.exists {
         let note = format!("{} workers started", exp.spec.workers());
-        publish(exp, ctx, Reason::WorkersCreated, note).await?;
+        publish(exp, ctx, Reason::WorkersCreated, note).await;
     }
-    Ok(ctx.refresh)
+    Ok(outcome(ctx.refresh, false, None))
+}
+
+async fn delete_job(jobs: &Api<Job>, name: &str, policy: PropagationPolicy) -> Result<()> {
+    let params = DeleteParams {
+        propagation_policy: Some(policy),
+        ..DeleteParams::default()
+    };
+    match jobs.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The final evaluation Job, created once the workers are gone; returns its state as found.
@@ -298,7 +515,7 @@ async fn ensure_evaluation(
     if !evaluation.exists {
         apply_job(jobs, &jobs::evaluation(exp, &ctx.jobs)).await?;
         let note = "measuring the best individual by validation on the test set".into();
-        publish(exp, ctx, Reason::EvaluationStarted, note).await?;
+        publish(exp, ctx, Reason::EvaluationStarted, note).await;
     }
     Ok(evaluation)
 }
@@ -311,18 +528,18 @@ async fn announce(
     previous: &EvolutionExperimentStatus,
     status: &EvolutionExperimentStatus,
     store_error: Option<&str>,
-) -> Result<()> {
+) {
     if let Some(best) = &status.best {
         if previous.best.as_ref().map(|b| &b.id) != Some(&best.id) {
             let note = format!(
                 "individual {} reached validation accuracy {:.4} ({} convolutions, {} parameters)",
                 best.id, best.validation_accuracy, best.convolutions, best.parameters
             );
-            publish(exp, ctx, Reason::NewBest, note).await?;
+            publish(exp, ctx, Reason::NewBest, note).await;
         }
     }
     if let (None, Some(reason)) = (&previous.stop_reason, &status.stop_reason) {
-        publish(exp, ctx, Reason::Stopping, reason.clone()).await?;
+        publish(exp, ctx, Reason::Stopping, reason.clone()).await;
     }
     if status.failed_workers.unwrap_or(0) > previous.failed_workers.unwrap_or(0) {
         let note = format!(
@@ -330,7 +547,7 @@ async fn announce(
             status.failed_workers.unwrap_or(0),
             jobs::workers_name(exp)
         );
-        publish(exp, ctx, Reason::WorkerFailed, note).await?;
+        publish(exp, ctx, Reason::WorkerFailed, note).await;
     }
     if let Some(error) = store_error {
         let said = already_said(
@@ -340,7 +557,7 @@ async fn announce(
             error,
         );
         if !said {
-            publish(exp, ctx, Reason::StoreUnavailable, error.to_string()).await?;
+            publish(exp, ctx, Reason::StoreUnavailable, error.to_string()).await;
         }
     }
     if status.phase != previous.phase {
@@ -353,19 +570,26 @@ async fn announce(
                     .unwrap_or_default();
                 let note =
                     format!("the best individual by validation scored {test:.4} on the test set");
-                publish(exp, ctx, Reason::Succeeded, note).await?;
+                publish(exp, ctx, Reason::Succeeded, note).await;
             }
-            Some(Phase::Failed) => {
-                let note = format!("Job {} failed; see its pod", jobs::evaluation_name(exp));
-                publish(exp, ctx, Reason::EvaluationFailed, note).await?;
-            }
+            Some(Phase::Failed) => match condition_of(status, ConditionType::Progressing) {
+                Some(c) if c.reason == ConditionReason::WorkersFailed.as_str() => {
+                    publish(exp, ctx, Reason::WorkersFailed, c.message.clone()).await;
+                }
+                _ => {
+                    let note = format!("Job {} failed; see its pod", jobs::evaluation_name(exp));
+                    publish(exp, ctx, Reason::EvaluationFailed, note).await;
+                }
+            },
             _ => {}
         }
     }
-    Ok(())
 }
 
 /// The experiment is being deleted: stop the workers and honour the retention policy.
+/// Nothing here may hang a deletion for ever: events are best effort, and a store that
+/// cannot be reached while the namespace itself is going away keeps its data (logged with
+/// its URL) rather than holding up the namespace.
 pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
     let namespace = namespace_of(exp)?;
     let name = exp.name_any();
@@ -378,32 +602,116 @@ pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action>
     match exp.spec.store.retention {
         Retention::Retain => {
             let note = format!("the population stays in {}", exp.spec.store.url);
-            publish(exp, ctx, Reason::Retained, note).await?;
+            publish(exp, ctx, Reason::Retained, note).await;
         }
         Retention::Delete => {
-            // Workers must be gone before their store is emptied, or they would write into it.
+            // Workers must be gone before their store is emptied, or their last writes would
+            // land after it: the Jobs are deleted in the foreground, and the store waits
+            // until they (and so their pods) no longer exist.
             let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+            let mut remaining = Vec::new();
             for job in [jobs::workers_name(exp), jobs::evaluation_name(exp)] {
-                match jobs.delete(&job, &DeleteParams::foreground()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+                if jobs.get_opt(&job).await?.is_some() {
+                    delete_job(&jobs, &job, PropagationPolicy::Foreground).await?;
+                    remaining.push(job);
                 }
             }
-            let deleted = population?.delete_everything().await?;
-            let note = format!("{deleted} objects deleted from {}", exp.spec.store.url);
-            publish(exp, ctx, Reason::Deleted, note).await?;
+            if !remaining.is_empty() {
+                return Err(Error::Waiting(format!(
+                    "Jobs {} and their pods to be gone",
+                    remaining.join(", ")
+                )));
+            }
+            // Pods can outlive their Job: a namespace being deleted removes Jobs and pods
+            // side by side, and a terminating worker still writes until it exits.
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            let selector = format!(
+                "cambrian.dev/experiment={},app.kubernetes.io/managed-by={MANAGER}",
+                jobs::label_value(&name)
+            );
+            let left = pods.list(&ListParams::default().labels(&selector)).await?;
+            if !left.items.is_empty() {
+                return Err(Error::Waiting(format!(
+                    "{} pods of the experiment to terminate",
+                    left.items.len()
+                )));
+            }
+            let emptied = match population {
+                Ok(population) => empty_store(exp, &population).await,
+                Err(e) => Err(e),
+            };
+            match emptied {
+                Ok(note) => publish(exp, ctx, Reason::Deleted, note).await,
+                Err(error) if namespace_terminating(ctx, &namespace).await => {
+                    tracing::warn!(
+                        experiment = %name,
+                        store = %exp.spec.store.url,
+                        %error,
+                        "the namespace is being deleted and the store cannot be emptied; its objects stay"
+                    );
+                }
+                Err(error) => {
+                    let note = format!(
+                        "cannot empty {}: {error}. Fix the store or its Secret, or keep the data: kubectl patch evo {name} -n {namespace} --type merge -p '{{\"spec\":{{\"store\":{{\"retention\":\"Retain\"}}}}}}'",
+                        exp.spec.store.url
+                    );
+                    publish(exp, ctx, Reason::CleanupBlocked, note).await;
+                    return Err(error);
+                }
+            }
         }
     }
     ctx.metrics.forget(&namespace, &name);
+    if let Ok(mut cache) = ctx.populations.lock() {
+        cache.remove(&exp.uid().unwrap_or_else(|| exp.name_any()));
+    }
     Ok(Action::await_change())
+}
+
+/// Deletes the store's objects if this experiment owns them; returns what it did.
+async fn empty_store(exp: &EvolutionExperiment, population: &Population) -> Result<String> {
+    let ours = owner_of(exp);
+    if let Some(owner) = population.owner().await? {
+        if owner.uid != ours.uid {
+            return Ok(format!(
+                "{} belongs to experiment {owner}; nothing deleted",
+                exp.spec.store.url
+            ));
+        }
+    }
+    let deleted = population.delete_everything().await?;
+    Ok(format!(
+        "{deleted} objects deleted from {}",
+        exp.spec.store.url
+    ))
+}
+
+async fn namespace_terminating(ctx: &Context, namespace: &str) -> bool {
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    match namespaces.get_opt(namespace).await {
+        Ok(Some(ns)) => ns.metadata.deletion_timestamp.is_some(),
+        Ok(None) => true,
+        Err(_) => false,
+    }
 }
 
 /// Runs the controller until a shutdown signal.
 pub async fn run(ctx: Arc<Context>) {
     let experiments = Api::<EvolutionExperiment>::all(ctx.client.clone());
     let jobs = Api::<Job>::all(ctx.client.clone());
-    Controller::new(experiments, watcher::Config::default())
+    // Only changes people make (spec, deletion, finalizers) trigger a reconcile, not the
+    // status writes of the reconciler itself: those would make every reconcile trigger the
+    // next. Job changes and the periodic refresh cover the rest.
+    let (reader, writer) = reflector::store();
+    let triggers = watcher(experiments, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    Controller::for_stream(triggers, reader)
         .owns(
             jobs,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=cambrian-operator"),

@@ -87,26 +87,31 @@ fn events(seen: &[Seen]) -> Vec<String> {
         .collect()
 }
 
-/// GET of a Job whose pods are `active`.
-fn active_job(name: &str, active: i32) -> Step {
-    found_job(name, json!({ "active": active }))
+/// GET of a Job whose pods are `active`, and all of them ready.
+fn active_job(exp: &EvolutionExperiment, name: &str, active: i32) -> Step {
+    found_job(exp, name, json!({ "active": active, "ready": active }))
 }
 
 /// GET of a Job that completed.
-fn complete_job(name: &str) -> Step {
+fn complete_job(exp: &EvolutionExperiment, name: &str) -> Step {
     found_job(
+        exp,
         name,
         json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] }),
     )
 }
 
-/// GET of a Job with `status`.
-fn found_job(name: &str, status: Value) -> Step {
-    step(
-        "GET",
-        job_path(name),
-        Reply::Json(200, job_with_status(name, status)),
-    )
+/// GET of the Job the operator makes for `exp` (its workers or its evaluation), with `status`.
+fn found_job(exp: &EvolutionExperiment, name: &str, status: Value) -> Step {
+    let settings = jobs::JobSettings::default();
+    let job = if name == jobs::workers_name(exp) {
+        jobs::workers(exp, &settings, false, jobs::History::default())
+    } else {
+        jobs::evaluation(exp, &settings)
+    };
+    let mut job = serde_json::to_value(job).unwrap();
+    job["status"] = status;
+    step("GET", job_path(name), Reply::Json(200, job))
 }
 
 /// GET of a Job that does not exist.
@@ -123,6 +128,16 @@ fn apply_job(name: &str) -> Step {
 fn delete_job(name: &str) -> Step {
     let job = job_with_status(name, json!({ "active": 0 }));
     step("DELETE", job_path(name), Reply::Json(200, job))
+}
+
+/// A LIST of the experiment's pods that finds none.
+fn no_pods() -> Step {
+    let list = json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [] });
+    step(
+        "GET",
+        format!("/api/v1/namespaces/{NAMESPACE}/pods"),
+        Reply::Json(200, list),
+    )
 }
 
 /// An event published.
@@ -151,15 +166,24 @@ fn patch_status(exp: &EvolutionExperiment) -> Step {
 }
 
 async fn run(exp: &EvolutionExperiment, script: Vec<Step>) -> Vec<Seen> {
+    let (seen, result) = run_result(exp, script).await;
+    result.expect("reconcile");
+    seen
+}
+
+/// The requests a reconcile made, and what it returned.
+async fn run_result(
+    exp: &EvolutionExperiment,
+    script: Vec<Step>,
+) -> (Vec<Seen>, crate::Result<kube::runtime::controller::Action>) {
     let (ctx, server) = context();
     let mock = server.run(script);
-    reconcile(Arc::new(exp.clone()), ctx)
-        .await
-        .expect("reconcile");
-    tokio::time::timeout(std::time::Duration::from_secs(5), mock)
+    let result = reconcile(Arc::new(exp.clone()), ctx).await;
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(5), mock)
         .await
         .expect("mock finished")
-        .expect("mock ok")
+        .expect("mock ok");
+    (seen, result)
 }
 
 #[tokio::test]
@@ -219,7 +243,7 @@ async fn status_comes_from_the_store() {
     let seen = run(
         &w.exp,
         vec![
-            active_job(&workers, 4),
+            active_job(&w.exp, &workers, 4),
             apply_job(&workers),
             event(),
             patch_status(&exp),
@@ -272,7 +296,7 @@ async fn suspend_suspends_the_job_and_resume_unsuspends_it() {
     // The Job follows spec.suspend both ways; nothing else changes.
     let script = |exp: &EvolutionExperiment| {
         vec![
-            active_job(&workers, 0),
+            active_job(&w.exp, &workers, 0),
             apply_job(&workers),
             patch_status(exp),
         ]
@@ -308,7 +332,7 @@ async fn stop_then_evaluation_then_succeeded() {
     let seen = run(
         &exp,
         vec![
-            active_job(&workers, 3),
+            active_job(&w.exp, &workers, 3),
             event(),
             event(),
             patch_status(&exp),
@@ -329,7 +353,7 @@ async fn stop_then_evaluation_then_succeeded() {
     let seen = run(
         &exp,
         vec![
-            complete_job(&workers),
+            complete_job(&w.exp, &workers),
             missing_job(&evaluation),
             apply_job(&evaluation),
             event(),
@@ -360,8 +384,8 @@ async fn stop_then_evaluation_then_succeeded() {
     let seen = run(
         &exp,
         vec![
-            complete_job(&workers),
-            complete_job(&evaluation),
+            complete_job(&w.exp, &workers),
+            complete_job(&w.exp, &evaluation),
             event(),
             patch_status(&exp),
         ],
@@ -382,7 +406,7 @@ async fn a_second_reconcile_of_the_same_world_changes_nothing() {
     let workers = jobs::workers_name(&w.exp);
     let exp = w.exp.clone();
     let script = |events: usize| {
-        let mut s = vec![active_job(&workers, 4), apply_job(&workers)];
+        let mut s = vec![active_job(&w.exp, &workers, 4), apply_job(&workers)];
         for _ in 0..events {
             s.push(event());
         }
@@ -438,18 +462,43 @@ async fn deletion_with_delete_stops_workers_and_empties_the_store() {
     let exp = deleting(w.exp.clone(), Retention::Delete);
     let workers = jobs::workers_name(&exp);
     let evaluation = jobs::evaluation_name(&exp);
+    // 1. The workers Job still exists: it is deleted in the foreground, and the store is
+    // left alone until it is gone, pods and all.
+    let (seen, result) = run_result(
+        &exp,
+        vec![
+            active_job(&w.exp, &workers, 2),
+            delete_job(&workers),
+            missing_job(&evaluation),
+        ],
+    )
+    .await;
+    assert!(result.is_err(), "cleanup waits for the Job");
+    assert_eq!(seen[1].body["propagationPolicy"], "Foreground");
+    assert_eq!(
+        w.population.alive().await.unwrap().len(),
+        1,
+        "store untouched"
+    );
+    // 2. The Jobs are gone: the store is emptied and the finalizer removed.
     let seen = run(
         &exp,
         vec![
-            delete_job(&workers),
-            step("DELETE", job_path(&evaluation), Reply::NotFound),
+            missing_job(&workers),
+            missing_job(&evaluation),
+            no_pods(),
             event(),
             patch_object(&exp),
         ],
     )
     .await;
+    assert!(
+        seen[2].query.contains("cambrian.dev%2Fexperiment%3Dwipe")
+            || seen[2].query.contains("cambrian.dev/experiment=wipe"),
+        "{}",
+        seen[2].query
+    );
     assert_eq!(events(&seen), said(&[Reason::Deleted]));
-    assert_eq!(seen[0].body["propagationPolicy"], "Foreground");
     let store = w.population.store();
     for prefix in ["alive/", "individuals/", "control/", "slots/"] {
         assert!(
@@ -461,6 +510,36 @@ async fn deletion_with_delete_stops_workers_and_empties_the_store() {
 }
 
 #[tokio::test]
+async fn deletion_leaves_a_store_another_experiment_owns() {
+    let w = world("tenant").await;
+    w.start(&w.exp.spec).await;
+    w.add(&individual(0.5, 1)).await;
+    let other = population::store::StoreOwner {
+        namespace: NAMESPACE.into(),
+        name: "landlord".into(),
+        uid: "uid-landlord".into(),
+    };
+    w.population.claim(&other).await.unwrap();
+    let exp = deleting(w.exp.clone(), Retention::Delete);
+    let seen = run(
+        &exp,
+        vec![
+            missing_job(&jobs::workers_name(&exp)),
+            missing_job(&jobs::evaluation_name(&exp)),
+            no_pods(),
+            event(),
+            patch_object(&exp),
+        ],
+    )
+    .await;
+    assert!(seen[3].body["note"]
+        .as_str()
+        .unwrap()
+        .contains("nothing deleted"));
+    assert_eq!(w.population.alive().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let w = world("flaky").await;
     let exp = w.exp.clone();
@@ -469,7 +548,11 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let seen = run(
         &exp,
         vec![
-            found_job(&workers, json!({ "active": 4, "failed": 2 })),
+            found_job(
+                &w.exp,
+                &workers,
+                json!({ "active": 4, "ready": 2, "failed": 2 }),
+            ),
             apply_job(&workers),
             event(),
             patch_status(&exp),
@@ -493,9 +576,8 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let seen = run(
         &failed,
         vec![
-            found_job(
-                &workers,
-                json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True" }] }),
+            found_job(&w.exp, &workers,
+                json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded" }] }),
             ),
             delete_job(&workers),
             event(),
@@ -511,4 +593,192 @@ async fn worker_failures_degrade_and_a_failed_job_is_replaced() {
     let status = patched_status(&seen);
     assert_ne!(status.phase, Some(Phase::Failed));
     assert_eq!(status.failed_workers, Some(100));
+    assert_eq!(status.worker_restarts, Some(1));
+
+    // Its replacement starts with that history, so failedWorkers is a sum over Jobs.
+    let mut replaced = exp.clone();
+    replaced.status = Some(status);
+    let seen = run(
+        &replaced,
+        vec![
+            missing_job(&workers),
+            apply_job(&workers),
+            event(),
+            patch_status(&replaced),
+        ],
+    )
+    .await;
+    assert_eq!(
+        seen[1].body["metadata"]["annotations"][jobs::FAILED_BEFORE],
+        "100"
+    );
+    let status = patched_status(&seen);
+    assert_eq!(status.failed_workers, Some(100));
+
+    // After max_worker_restarts replacements the experiment fails instead.
+    let mut exhausted = exp.clone();
+    exhausted.status = Some(crds::EvolutionExperimentStatus {
+        worker_restarts: Some(3),
+        ..status
+    });
+    let seen = run(
+        &exhausted,
+        vec![
+            found_job(
+                &w.exp,
+                &workers,
+                json!({ "failed": 100, "conditions": [{ "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded" }] }),
+            ),
+            event(),
+            patch_status(&exhausted),
+        ],
+    )
+    .await;
+    assert_eq!(events(&seen), said(&[Reason::WorkersFailed]));
+    assert_eq!(patched_status(&seen).phase, Some(Phase::Failed));
+}
+
+#[tokio::test]
+async fn a_configuration_error_fails_the_experiment_without_replacing_the_job() {
+    let w = world("broken").await;
+    let workers = jobs::workers_name(&w.exp);
+    let seen = run(
+        &w.exp,
+        vec![
+            found_job(
+                &w.exp,
+                &workers,
+                json!({ "failed": 1, "conditions": [{ "type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "Container trainer for pod x failed with exit code 78" }] }),
+            ),
+            event(),
+            event(),
+            patch_status(&w.exp),
+        ],
+    )
+    .await;
+    assert_eq!(
+        events(&seen),
+        said(&[Reason::WorkerFailed, Reason::WorkersFailed])
+    );
+    let status = patched_status(&seen);
+    assert_eq!(status.phase, Some(Phase::Failed));
+    let progressing = condition_of(&status, ConditionType::Progressing).unwrap();
+    assert!(
+        progressing.message.contains("exit code 78"),
+        "{}",
+        progressing.message
+    );
+}
+
+#[tokio::test]
+async fn a_new_image_replaces_the_workers_job() {
+    let w = world("upgrade").await;
+    let workers = jobs::workers_name(&w.exp);
+    let mut exp = w.exp.clone();
+    exp.spec.worker.image = Some("ghcr.io/cambrian-dev/trainer:v2".into());
+    // The Job found was made from the old template: it is deleted, not patched (a Job's
+    // template is immutable), and the next reconcile creates the new one.
+    let seen = run(
+        &exp,
+        vec![
+            active_job(&w.exp, &workers, 4),
+            step("DELETE", job_path(&workers), Reply::Echo),
+            event(),
+            patch_status(&exp),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].body["propagationPolicy"], "Background");
+    assert_eq!(events(&seen), said(&[Reason::WorkersReplaced]));
+    // Scaling is an edit a Job takes: patched in place.
+    let mut scaled = w.exp.clone();
+    scaled.spec.workers = Some(2);
+    let seen = run(
+        &scaled,
+        vec![
+            active_job(&w.exp, &workers, 4),
+            apply_job(&workers),
+            patch_status(&scaled),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].body["spec"]["parallelism"], 2);
+}
+
+#[tokio::test]
+async fn a_stopped_experiment_with_no_ready_worker_suspends_its_job() {
+    let w = world("stuck").await;
+    let mut exp = w.exp.clone();
+    exp.spec.stop.individuals_trained = Some(1);
+    w.start(&exp.spec).await;
+    w.population.request_stop("done").await.unwrap();
+    let workers = jobs::workers_name(&exp);
+    // Two pods can never start (no image, no node): the Job is suspended to remove them.
+    let seen = run(
+        &exp,
+        vec![
+            found_job(&w.exp, &workers, json!({ "active": 2, "ready": 0 })),
+            apply_job(&workers),
+            event(),
+            patch_status(&exp),
+        ],
+    )
+    .await;
+    assert_eq!(seen[1].body["spec"]["suspend"], true);
+    assert_eq!(patched_status(&seen).phase, Some(Phase::Stopping));
+}
+
+#[tokio::test]
+async fn a_store_owned_by_another_experiment_is_refused() {
+    let w = world("squatter").await;
+    let other = population::store::StoreOwner {
+        namespace: NAMESPACE.into(),
+        name: "first".into(),
+        uid: "uid-first".into(),
+    };
+    w.population.claim(&other).await.unwrap();
+    let seen = run(&w.exp, vec![event(), patch_status(&w.exp)]).await;
+    assert_eq!(events(&seen), said(&[Reason::Refused]));
+    let status = patched_status(&seen);
+    let valid = condition_of(&status, ConditionType::Valid).unwrap();
+    assert_eq!(valid.reason, ConditionReason::StoreInUse.as_str());
+    assert!(valid.message.contains("testns/first"), "{}", valid.message);
+}
+
+#[tokio::test]
+async fn edited_stop_conditions_reach_the_store() {
+    let w = world("extend").await;
+    let mut exp = w.exp.clone();
+    exp.spec.stop.individuals_trained = Some(10);
+    w.start(&exp.spec).await;
+    exp.spec.stop.individuals_trained = Some(1000);
+    let workers = jobs::workers_name(&exp);
+    run(
+        &exp,
+        vec![
+            active_job(&w.exp, &workers, 4),
+            apply_job(&workers),
+            patch_status(&exp),
+        ],
+    )
+    .await;
+    let record = w.population.experiment().await.unwrap().unwrap();
+    assert_eq!(record.spec.stop.individuals_trained, Some(1000));
+}
+
+#[tokio::test]
+async fn a_spec_the_store_contradicts_is_refused_and_leaves_the_jobs() {
+    let w = world("mutant").await;
+    w.start(&w.exp.spec).await;
+    let mut exp = w.exp.clone();
+    exp.spec.seed = 42;
+    let seen = run(&exp, vec![event(), patch_status(&exp)]).await;
+    assert_eq!(events(&seen), said(&[Reason::Refused]));
+    let status = patched_status(&seen);
+    let valid = condition_of(&status, ConditionType::Valid).unwrap();
+    assert_eq!(valid.reason, ConditionReason::ImmutableField.as_str());
+    assert_ne!(
+        condition_of(&status, ConditionType::Degraded).map(|c| c.reason.as_str()),
+        Some(ConditionReason::StoreUnavailable.as_str())
+    );
 }

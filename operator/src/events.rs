@@ -6,10 +6,9 @@ use std::fmt;
 
 use crds::EvolutionExperiment;
 use kube::runtime::events::{Event, EventType};
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 
 use crate::controller::Context;
-use crate::Result;
 
 /// Why an event was published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +37,14 @@ pub enum Reason {
     Retained,
     /// The experiment was deleted and its population deleted from the store.
     Deleted,
+    /// The workers' pod template changed, so their Job was replaced.
+    WorkersReplaced,
+    /// The spec validates but cannot run on this cluster or against this store.
+    Refused,
+    /// The workers Job failed for good: a configuration error, or too many replacements.
+    WorkersFailed,
+    /// Deleting the experiment waits for a store that cannot be emptied.
+    CleanupBlocked,
 }
 
 impl Reason {
@@ -55,6 +62,10 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::Retained => "Retained",
             Reason::Deleted => "Deleted",
+            Reason::WorkersReplaced => "WorkersReplaced",
+            Reason::Refused => "Refused",
+            Reason::WorkersFailed => "WorkersFailed",
+            Reason::CleanupBlocked => "CleanupBlocked",
         }
     }
 
@@ -65,14 +76,18 @@ impl Reason {
             | Reason::WorkersRestarted
             | Reason::EvaluationFailed
             | Reason::StoreUnavailable
-            | Reason::InvalidSpec => EventType::Warning,
+            | Reason::InvalidSpec
+            | Reason::Refused
+            | Reason::WorkersFailed
+            | Reason::CleanupBlocked => EventType::Warning,
             Reason::WorkersCreated
             | Reason::NewBest
             | Reason::Stopping
             | Reason::EvaluationStarted
             | Reason::Succeeded
             | Reason::Retained
-            | Reason::Deleted => EventType::Normal,
+            | Reason::Deleted
+            | Reason::WorkersReplaced => EventType::Normal,
         }
     }
 }
@@ -83,24 +98,30 @@ impl fmt::Display for Reason {
     }
 }
 
-/// Publishes an event about `exp`.
-pub async fn publish(
-    exp: &EvolutionExperiment,
-    ctx: &Context,
-    reason: Reason,
-    note: String,
-) -> Result<()> {
-    ctx.recorder
+/// Publishes an event about `exp`. Events inform and never decide: one that cannot be
+/// written (a Terminating namespace refuses new objects) is logged, and the reconcile goes
+/// on, so that it can never hold up a deletion.
+pub async fn publish(exp: &EvolutionExperiment, ctx: &Context, reason: Reason, note: String) {
+    let result = ctx
+        .recorder
         .publish(
             &Event {
                 type_: reason.event_type(),
                 reason: reason.as_str().into(),
-                note: Some(note),
+                note: Some(note.clone()),
                 action: "Reconcile".into(),
                 secondary: None,
             },
             &exp.object_ref(&()),
         )
-        .await?;
-    Ok(())
+        .await;
+    if let Err(error) = result {
+        tracing::warn!(
+            experiment = %exp.name_any(),
+            reason = reason.as_str(),
+            %note,
+            %error,
+            "cannot publish an event"
+        );
+    }
 }

@@ -156,14 +156,10 @@ impl ApiServer {
 pub fn context() -> (Arc<Context>, ApiServer) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NAMESPACE);
-    (
-        Arc::new(Context::new(
-            client,
-            Metrics::default(),
-            JobSettings::default(),
-        )),
-        ApiServer(handle),
-    )
+    let mut ctx = Context::new(client, Metrics::default(), JobSettings::default());
+    // The scripted tests keep their stores in folders of this machine.
+    ctx.stores.allow_file_stores = true;
+    (Arc::new(ctx), ApiServer(handle))
 }
 
 pub fn experiment_path(name: &str) -> String {

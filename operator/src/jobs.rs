@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use crds::EvolutionExperiment;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext,
     PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector,
@@ -40,16 +43,44 @@ impl Default for JobSettings {
 const CACHE: &str = "/var/cache/cambrian";
 const UID: i64 = 65532;
 
-/// A DNS-label-safe name `<experiment>-<suffix>`, shortened with a hash when too long.
+/// Exit status of a trainer that cannot run as configured (`EX_CONFIG`): the Job fails at
+/// once instead of burning pods on retries that cannot succeed.
+pub const CONFIGURATION_EXIT: i32 = 78;
+/// Annotation holding a hash of the pod template the Job was made with. A Job's template is
+/// immutable, so a different hash means the Job must be replaced, not patched.
+pub const TEMPLATE_HASH: &str = "cambrian.dev/template-hash";
+/// Annotations carrying the history of the workers Jobs this one replaced: how many, and how
+/// many pods failed in them, so that the counts survive the replacement.
+pub const RESTARTS: &str = "cambrian.dev/restarts";
+pub const FAILED_BEFORE: &str = "cambrian.dev/failed-before";
+
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// A name `<experiment>-<suffix>` that fits where the Job controller puts it: the Job's
+/// `job-name` label on its pods (63 characters) with room for the pods' own suffix. Long
+/// names are cut and a hash keeps them apart; the cut never leaves a `.` or `-` next to the
+/// hash, which DNS names forbid.
 pub fn job_name(experiment: &str, suffix: &str) -> String {
     let full = format!("{experiment}-{suffix}");
     if full.len() <= 52 {
         return full;
     }
-    let hash = experiment.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    format!("{}-{:06x}-{suffix}", &experiment[..30], hash & 0xff_ffff)
+    let prefix = experiment[..30].trim_end_matches(['.', '-']);
+    format!("{prefix}-{:06x}-{suffix}", fnv(experiment) & 0xff_ffff)
+}
+
+/// A label value naming the experiment: its name when that fits in a label value (63
+/// characters), else a cut of it with a hash. Experiment names may be 253 long.
+pub fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_string();
+    }
+    let prefix = name[..54].trim_end_matches(['.', '-']);
+    format!("{prefix}-{:08x}", fnv(name) & 0xffff_ffff)
 }
 
 pub fn workers_name(exp: &EvolutionExperiment) -> String {
@@ -65,18 +96,34 @@ fn labels(exp: &EvolutionExperiment, component: &str) -> BTreeMap<String, String
         ("app.kubernetes.io/name".into(), "cambrian-trainer".into()),
         ("app.kubernetes.io/component".into(), component.into()),
         ("app.kubernetes.io/managed-by".into(), crate::MANAGER.into()),
-        ("cambrian.dev/experiment".into(), exp.name_any()),
+        (
+            "cambrian.dev/experiment".into(),
+            label_value(&exp.name_any()),
+        ),
     ])
 }
 
-/// The environment every trainer pod gets: the experiment itself (spec only, never
+/// The part of the spec a trainer needs and that never changes while the experiment runs.
+/// What may change (workers, suspension, stop conditions, how pods run) stays out, so that
+/// editing it leaves the pod template, which a Job cannot change, as it was.
+pub fn trainer_spec(spec: &crds::EvolutionExperimentSpec) -> crds::EvolutionExperimentSpec {
+    crds::EvolutionExperimentSpec {
+        workers: None,
+        suspend: false,
+        stop: crds::StopSpec::default(),
+        worker: crds::WorkerSpec::default(),
+        ..spec.clone()
+    }
+}
+
+/// The environment every trainer pod gets: the experiment itself (its unchanging spec, never
 /// credentials), and the store's credentials by reference to the Secret.
 fn environment(exp: &EvolutionExperiment) -> Vec<EnvVar> {
     let experiment = serde_json::json!({
         "apiVersion": crds::manifest::API_VERSION,
         "kind": crds::manifest::KIND,
         "metadata": { "name": exp.name_any() },
-        "spec": exp.spec,
+        "spec": trainer_spec(&exp.spec),
     });
     let mut env = vec![
         EnvVar {
@@ -226,12 +273,48 @@ fn pod(
     }
 }
 
-fn job(exp: &EvolutionExperiment, name: String, component: &str, spec: JobSpec) -> Job {
+/// Fail the Job at once when the trainer says its configuration is wrong; do not count pods
+/// that were evicted or preempted (their condition `DisruptionTarget`) as failures.
+fn failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some("trainer".into()),
+                    operator: "In".into(),
+                    values: vec![CONFIGURATION_EXIT],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+        ],
+    }
+}
+
+fn job(
+    exp: &EvolutionExperiment,
+    name: String,
+    component: &str,
+    mut spec: JobSpec,
+    mut annotations: BTreeMap<String, String>,
+) -> Job {
+    let template = serde_json::to_string(&spec.template).expect("a template serialises");
+    annotations.insert(TEMPLATE_HASH.into(), format!("{:016x}", fnv(&template)));
+    spec.pod_failure_policy = Some(failure_policy());
     Job {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: exp.namespace(),
             labels: Some(labels(exp, component)),
+            annotations: Some(annotations),
             owner_references: exp.controller_owner_ref(&()).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
@@ -240,10 +323,24 @@ fn job(exp: &EvolutionExperiment, name: String, component: &str, spec: JobSpec) 
     }
 }
 
-/// The workers: one pod per `workersPerPod` workers, no completion count (a pod exits 0 only once the
-/// experiment has stopped, and the Job is done when its pods are), suspended with the
-/// experiment.
-pub fn workers(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
+/// The workers Jobs an experiment had before this one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// Workers Jobs replaced after they failed.
+    pub restarts: u32,
+    /// Pods that failed in them.
+    pub failed_before: u32,
+}
+
+/// The workers: one pod per `workersPerPod` workers, no completion count (a pod exits 0 only
+/// once the experiment has stopped, and the Job is done when its pods are). Suspended with
+/// the experiment, or once it has stopped and no worker is still finishing.
+pub fn workers(
+    exp: &EvolutionExperiment,
+    settings: &JobSettings,
+    suspend: bool,
+    history: History,
+) -> Job {
     let parallelism = exp.spec.worker_pods() as i32;
     job(
         exp,
@@ -253,10 +350,14 @@ pub fn workers(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
             parallelism: Some(parallelism),
             completions: None,
             backoff_limit: Some(settings.worker_backoff_limit.max(parallelism)),
-            suspend: Some(exp.spec.suspend),
+            suspend: Some(suspend),
             template: pod(exp, settings, vec!["worker".into()], "workers"),
             ..JobSpec::default()
         },
+        BTreeMap::from([
+            (RESTARTS.into(), history.restarts.to_string()),
+            (FAILED_BEFORE.into(), history.failed_before.to_string()),
+        ]),
     )
 }
 
@@ -278,17 +379,27 @@ pub fn evaluation(exp: &EvolutionExperiment, settings: &JobSettings) -> Job {
             template,
             ..JobSpec::default()
         },
+        BTreeMap::new(),
     )
 }
 
 /// What a Job's status says, in the terms the reconciler needs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct JobState {
     pub exists: bool,
+    /// Being deleted: its pods are terminating.
+    pub deleting: bool,
+    /// Pods not finished: running, pending, or waiting for their configuration.
     pub active: i32,
+    /// Pods whose containers run and are ready.
+    pub ready: i32,
     pub succeeded: bool,
     pub failed: bool,
+    /// Why the Job failed (`BackoffLimitExceeded`, `PodFailurePolicy`), and what it says.
+    pub failure: Option<(String, String)>,
     pub failed_pods: i32,
+    pub template_hash: Option<String>,
+    pub history: History,
 }
 
 impl JobState {
@@ -304,14 +415,57 @@ impl JobState {
                 .flatten()
                 .any(|c| c.type_ == kind && c.status == "True")
         };
+        let annotation = |key: &str| job.metadata.annotations.as_ref()?.get(key).cloned();
+        let count = |key: &str| annotation(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let failure = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Failed" && c.status == "True")
+            .map(|c| {
+                (
+                    c.reason.clone().unwrap_or_default(),
+                    c.message.clone().unwrap_or_default(),
+                )
+            });
         Self {
             exists: true,
+            deleting: job.metadata.deletion_timestamp.is_some(),
             active: status.active.unwrap_or(0),
+            ready: status.ready.unwrap_or(0),
             succeeded: condition("Complete"),
             failed: condition("Failed"),
+            failure,
             failed_pods: status.failed.unwrap_or(0),
+            template_hash: annotation(TEMPLATE_HASH),
+            history: History {
+                restarts: count(RESTARTS),
+                failed_before: count(FAILED_BEFORE),
+            },
         }
     }
+
+    /// The Job failed because its pods reported a configuration error: replacing it would
+    /// fail the same way.
+    pub fn misconfigured(&self) -> bool {
+        self.failure
+            .as_ref()
+            .is_some_and(|(reason, _)| reason == "PodFailurePolicy")
+    }
+
+    /// Pods that failed in this Job and the ones it replaced.
+    pub fn failed_total(&self) -> u32 {
+        self.history.failed_before + self.failed_pods.max(0) as u32
+    }
+}
+
+/// The hash `job` was made with.
+pub fn template_hash(job: &Job) -> Option<&str> {
+    job.metadata
+        .annotations
+        .as_ref()?
+        .get(TEMPLATE_HASH)
+        .map(String::as_str)
 }
 
 #[cfg(test)]
@@ -323,7 +477,7 @@ mod tests {
     fn worker_job_runs_locked_down_workers() {
         let mut exp = experiment("paper");
         exp.spec.store.credentials_secret = Some("s3-creds".into());
-        let job = workers(&exp, &JobSettings::default());
+        let job = workers(&exp, &JobSettings::default(), false, History::default());
         let spec = job.spec.as_ref().unwrap();
         assert_eq!(spec.parallelism, Some(250));
         assert_eq!(spec.completions, None);
@@ -352,7 +506,51 @@ mod tests {
             .unwrap();
         let back: crds::EvolutionExperiment =
             serde_json::from_str(json.value.as_ref().unwrap()).unwrap();
-        assert_eq!(back.spec, exp.spec);
+        assert_eq!(back.spec, trainer_spec(&exp.spec));
+        let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+        assert_eq!(rules[0].action, "FailJob");
+        assert_eq!(rules[1].action, "Ignore");
+    }
+
+    #[test]
+    fn edits_that_jobs_can_take_leave_the_template_alone() {
+        let exp = experiment("paper");
+        let hash = |exp: &EvolutionExperiment| {
+            template_hash(&workers(
+                exp,
+                &JobSettings::default(),
+                false,
+                History::default(),
+            ))
+            .unwrap()
+            .to_string()
+        };
+        let before = hash(&exp);
+        let mut edited = exp.clone();
+        edited.spec.workers = Some(7);
+        edited.spec.suspend = true;
+        edited.spec.stop.individuals_trained = Some(5);
+        assert_eq!(
+            hash(&edited),
+            before,
+            "workers, suspend and stop are not in the template"
+        );
+        edited.spec.worker.image = Some("ghcr.io/cambrian-dev/trainer:v2".into());
+        assert_ne!(hash(&edited), before, "a new image needs a new Job");
+    }
+
+    #[test]
+    fn label_values_fit() {
+        let name = format!("{}.{}", "a".repeat(40), "b".repeat(40));
+        let value = label_value(&name);
+        assert!(value.len() <= 63, "{value}");
+        assert_ne!(
+            value,
+            label_value(&format!("{}.{}", "a".repeat(40), "c".repeat(40)))
+        );
+        assert_eq!(label_value("short.name"), "short.name");
+        let job = job_name(&format!("{}.{}", "a".repeat(29), "b".repeat(40)), "workers");
+        assert!(!job.contains(".-"), "{job}");
     }
 
     #[test]
@@ -364,7 +562,7 @@ mod tests {
             default_gpus: 1,
             ..JobSettings::default()
         };
-        let job = workers(&exp, &settings);
+        let job = workers(&exp, &settings, false, History::default());
         let spec = job.spec.unwrap();
         assert_eq!(spec.parallelism, Some(3));
         let c = &spec.template.spec.unwrap().containers[0];

@@ -36,6 +36,11 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("the store belongs to experiment {0}")]
+    StoreInUse(population::store::StoreOwner),
+    /// Not a failure: cleanup waits for something to finish and is retried soon.
+    #[error("waiting for {0}")]
+    Waiting(String),
 }
 
 impl Error {
@@ -47,6 +52,8 @@ impl Error {
             Error::Secret { .. } => "secret",
             Error::Finalizer(_) => "finalizer",
             Error::NoNamespace(_) => "namespace",
+            Error::StoreInUse(_) => "store_in_use",
+            Error::Waiting(_) => "waiting",
         }
     }
 }

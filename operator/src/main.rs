@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use clap::Parser;
 use kube::api::{Api, ListParams};
 use kube::Client;
-use operator::controller::{self, Context};
+use operator::controller::{self, Context, StorePolicy};
 use operator::jobs::JobSettings;
 use operator::metrics::Metrics;
 use operator::server::{self, Health};
@@ -44,6 +44,18 @@ struct Args {
     /// This replica's identity in the Lease.
     #[arg(long, env = "POD_NAME", default_value = "cambrian-operator")]
     identity: String,
+    /// Accept `file://` stores: only where every pod mounts the same folder (one node).
+    #[arg(long, env = "CAMBRIAN_ALLOW_FILE_STORES", default_value_t = false)]
+    allow_file_stores: bool,
+    /// Accept S3 stores without a credentials Secret, reached with the pods' own identity.
+    #[arg(long, env = "CAMBRIAN_AMBIENT_CREDENTIALS", default_value_t = false)]
+    ambient_credentials: bool,
+    /// Failed workers Jobs replaced before an experiment is marked Failed.
+    #[arg(long, env = "CAMBRIAN_MAX_WORKER_RESTARTS", default_value_t = 3)]
+    max_worker_restarts: u32,
+    /// Seconds between status refreshes of a running experiment from its store.
+    #[arg(long, env = "CAMBRIAN_REFRESH_SECONDS", default_value_t = 30)]
+    refresh_seconds: u64,
     /// Log as JSON lines.
     #[arg(long, env = "CAMBRIAN_LOG_JSON")]
     log_json: bool,
@@ -62,6 +74,8 @@ async fn main() -> Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
+    // kube and the AWS SDK both enable a rustls crypto provider; with two, rustls picks none.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
@@ -85,7 +99,7 @@ async fn main() -> Result<()> {
         }
     });
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         metrics,
         JobSettings {
@@ -93,7 +107,14 @@ async fn main() -> Result<()> {
             default_gpus: args.default_gpus,
             ..JobSettings::default()
         },
-    ));
+    );
+    ctx.stores = StorePolicy {
+        allow_file_stores: args.allow_file_stores,
+        ambient_credentials: args.ambient_credentials,
+    };
+    ctx.max_worker_restarts = args.max_worker_restarts;
+    ctx.refresh = std::time::Duration::from_secs(args.refresh_seconds.max(1));
+    let ctx = Arc::new(ctx);
 
     if !args.leader_election {
         ready.store(true, Ordering::Relaxed);

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crds::{BestIndividual, EvolutionExperimentSpec, EvolutionExperimentStatus, Phase, SpecError};
+use crds::{BestIndividual, EvolutionExperimentSpec, EvolutionExperimentStatus, Phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use population::individual::Individual;
@@ -37,6 +37,11 @@ pub enum ConditionReason {
     Healthy,
     Evaluated,
     NotComplete,
+    StoreNotShared,
+    NoCredentials,
+    StoreInUse,
+    ImmutableField,
+    WorkersFailed,
 }
 
 impl ConditionType {
@@ -66,6 +71,11 @@ impl ConditionReason {
             ConditionReason::Healthy => "Healthy",
             ConditionReason::Evaluated => "Evaluated",
             ConditionReason::NotComplete => "NotComplete",
+            ConditionReason::StoreNotShared => "StoreNotShared",
+            ConditionReason::NoCredentials => "NoCredentials",
+            ConditionReason::StoreInUse => "StoreInUse",
+            ConditionReason::ImmutableField => "ImmutableField",
+            ConditionReason::WorkersFailed => "WorkersFailed",
         }
     }
 }
@@ -114,11 +124,21 @@ pub struct StoreView {
     pub test: Option<TestResult>,
 }
 
+/// Why the operator will not run the spec as it stands: `Valid` is False with this reason
+/// and message until the spec changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: ConditionReason,
+    pub message: String,
+}
+
 /// Everything one reconcile observed.
 #[derive(Clone, Debug, Default)]
 pub struct Observation {
     pub generation: Option<i64>,
-    pub spec_error: Option<SpecError>,
+    pub refusal: Option<Refusal>,
+    /// Why the workers will not be replaced again, once their Job failed for good.
+    pub workers_failed: Option<String>,
     /// The store's view, or why it could not be read (never with credentials in it).
     pub store: Option<Result<StoreView, String>>,
     pub workers: JobState,
@@ -155,7 +175,7 @@ fn condition(
 }
 
 pub fn phase(spec: &EvolutionExperimentSpec, obs: &Observation) -> Phase {
-    if obs.spec_error.is_some() {
+    if obs.refusal.is_some() {
         return Phase::Invalid;
     }
     let view = obs.store.as_ref().and_then(|s| s.as_ref().ok());
@@ -171,10 +191,15 @@ pub fn phase(spec: &EvolutionExperimentSpec, obs: &Observation) -> Phase {
         }
         return Phase::Evaluating;
     }
+    if obs.workers_failed.is_some() {
+        return Phase::Failed;
+    }
     if spec.suspend {
         return Phase::Suspended;
     }
-    if obs.workers.active > 0 {
+    // Running means training: a pod that is scheduled but cannot start (no image, no Secret
+    // key) is not a worker yet.
+    if obs.workers.ready > 0 {
         Phase::Running
     } else {
         Phase::Pending
@@ -203,8 +228,13 @@ pub fn compute(
         )
     };
     let mut conditions = Vec::new();
-    if let Some(e) = &obs.spec_error {
-        conditions.push(cond(T::Valid, false, R::InvalidSpec, e.to_string()));
+    if let Some(refusal) = &obs.refusal {
+        conditions.push(cond(
+            T::Valid,
+            false,
+            refusal.reason,
+            refusal.message.clone(),
+        ));
         return EvolutionExperimentStatus {
             phase: Some(phase),
             observed_generation: obs.generation,
@@ -222,9 +252,20 @@ pub fn compute(
         Phase::Running => (
             true,
             R::WorkersRunning,
-            format!("{} workers running", obs.workers.active),
+            format!(
+                "{} of {} worker pods ready",
+                obs.workers.ready,
+                spec.worker_pods()
+            ),
         ),
-        Phase::Pending => (true, R::WorkersStarting, "waiting for worker pods".into()),
+        Phase::Pending => (
+            true,
+            R::WorkersStarting,
+            format!(
+                "waiting for worker pods: {} created, none ready yet",
+                obs.workers.active
+            ),
+        ),
         Phase::Suspended => (false, R::Suspended, "spec.suspend is set".into()),
         Phase::Stopping | Phase::Evaluating => (
             true,
@@ -232,31 +273,49 @@ pub fn compute(
             "workers finish, then the best individual is evaluated".into(),
         ),
         Phase::Succeeded => (false, R::Completed, "the experiment is complete".into()),
-        Phase::Failed => (
-            false,
-            R::EvaluationFailed,
-            "the evaluation Job failed".into(),
-        ),
+        Phase::Failed => match &obs.workers_failed {
+            Some(why) => (false, R::WorkersFailed, why.clone()),
+            None => (
+                false,
+                R::EvaluationFailed,
+                "the evaluation Job failed".into(),
+            ),
+        },
         Phase::Invalid => (false, R::InvalidSpec, String::new()),
     };
     conditions.push(cond(T::Progressing, progressing, reason, message));
     let store_error = obs.store.as_ref().and_then(|s| s.as_ref().err());
     let degraded = match store_error {
         Some(e) => cond(T::Degraded, true, R::StoreUnavailable, e.clone()),
-        None if obs.workers.failed_pods > 0 && !phase_done(phase) => cond(
-            T::Degraded,
-            true,
-            R::WorkerFailures,
-            format!(
-                "{} worker pods failed; the Job replaces them",
-                obs.workers.failed_pods
-            ),
-        ),
+        // Degraded while failures leave it short of workers, not for the rest of the Job's
+        // life: once every pod is replaced and ready, it is healthy again.
+        None if obs.workers.failed_pods > 0
+            && !phase_done(phase)
+            && phase != Phase::Suspended
+            && obs.workers.ready < spec.worker_pods() as i32 =>
+        {
+            cond(
+                T::Degraded,
+                true,
+                R::WorkerFailures,
+                format!(
+                    "{} worker pods failed; {} of {} ready, the Job replaces the others",
+                    obs.workers.failed_total(),
+                    obs.workers.ready,
+                    spec.worker_pods()
+                ),
+            )
+        }
         None => cond(
             T::Degraded,
             false,
             R::Healthy,
-            "workers and store are healthy".into(),
+            match obs.workers.failed_total() {
+                0 => "workers and store are healthy".into(),
+                n => format!(
+                    "workers and store are healthy; {n} worker pods failed and were replaced"
+                ),
+            },
         ),
     };
     conditions.push(degraded);
@@ -281,8 +340,12 @@ pub fn compute(
         observed_generation: obs.generation,
         conditions,
         workers: Some(spec.workers()),
-        failed_workers: Some(obs.workers.failed_pods.max(0) as u32)
-            .map(|f| f.max(previous.failed_workers.unwrap_or(0))),
+        failed_workers: Some(if obs.workers.exists {
+            obs.workers.failed_total()
+        } else {
+            previous.failed_workers.unwrap_or(0)
+        }),
+        worker_restarts: previous.worker_restarts,
         start_time: previous.start_time.clone(),
         completion_time: previous.completion_time.clone(),
         ..EvolutionExperimentStatus::default()
@@ -348,6 +411,7 @@ mod tests {
             workers: JobState {
                 exists: true,
                 active: 4,
+                ready: 4,
                 ..JobState::default()
             },
             ..Observation::default()

