@@ -8,8 +8,10 @@
 //! - [`moto::Moto`]: moto's standalone server (PyPI `moto[server]`) in a virtual environment
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
 
+pub mod cluster;
 pub mod moto;
 pub mod s3s;
+pub mod tools;
 
 use std::sync::Arc;
 
