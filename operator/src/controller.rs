@@ -19,7 +19,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use population::stop::stop_reason;
+use population::stop::conditions_met;
 use population::store::{self, Population, StoreError, StoreOwner};
 
 use crate::events::{publish, Reason};
@@ -125,10 +125,17 @@ async fn population(
         None => None,
         Some(name) => {
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-            let secret = secrets.get_opt(name).await?.ok_or_else(|| Error::Secret {
-                name: name.clone(),
-                reason: "not found in the experiment's namespace".into(),
-            })?;
+            let Some(secret) = secrets.get_opt(name).await? else {
+                // A namespace being deleted loses its Secrets before the experiment's
+                // cleanup is done: the client made while the Secret existed still works.
+                if let Some(population) = cached_population(exp, ctx) {
+                    return Ok(population);
+                }
+                return Err(Error::Secret {
+                    name: name.clone(),
+                    reason: "not found in the experiment's namespace".into(),
+                });
+            };
             key.push_str(&secret.resource_version().unwrap_or_default());
             let value = |key: &str| -> Result<String> {
                 let bytes = secret
@@ -161,6 +168,12 @@ async fn population(
         cache.insert(uid, (key, population.clone()));
     }
     Ok(population)
+}
+
+fn cached_population(exp: &EvolutionExperiment, ctx: &Context) -> Option<Population> {
+    let uid = exp.uid().unwrap_or_else(|| exp.name_any());
+    let cache = ctx.populations.lock().ok()?;
+    cache.get(&uid).map(|(_, population)| population.clone())
 }
 
 fn owner_of(exp: &EvolutionExperiment) -> StoreOwner {
@@ -209,7 +222,8 @@ pub async fn observe_store(experiment: &Experiment, population: &Population) -> 
     }
     let mut stop = population.stop_marker().await?;
     if stop.is_none() {
-        if let Some(reason) = stop_reason(population, &record).await? {
+        let met = conditions_met(population, &experiment.spec.stop, record.created_at_ms).await?;
+        if let Some(reason) = met {
             population.request_stop(&reason).await?;
             stop = population.stop_marker().await?;
         }

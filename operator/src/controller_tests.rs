@@ -782,3 +782,34 @@ async fn a_spec_the_store_contradicts_is_refused_and_leaves_the_jobs() {
         Some(ConditionReason::StoreUnavailable.as_str())
     );
 }
+
+#[test]
+fn stores_a_cluster_cannot_share_or_reach_safely_are_refused() {
+    use super::{refusal_for_cluster, StorePolicy};
+    let strict = StorePolicy::default();
+    let mut exp = experiment("policy");
+    exp.spec.store.url = "file:///data/cambrian".into();
+    assert_eq!(
+        refusal_for_cluster(&exp, strict).map(|r| r.reason),
+        Some(ConditionReason::StoreNotShared)
+    );
+    let single_node = StorePolicy {
+        allow_file_stores: true,
+        ..strict
+    };
+    assert!(refusal_for_cluster(&exp, single_node).is_none());
+
+    exp.spec.store.url = "s3://bucket/experiment".into();
+    exp.spec.store.credentials_secret = None;
+    assert_eq!(
+        refusal_for_cluster(&exp, strict).map(|r| r.reason),
+        Some(ConditionReason::NoCredentials)
+    );
+    let ambient = StorePolicy {
+        ambient_credentials: true,
+        ..strict
+    };
+    assert!(refusal_for_cluster(&exp, ambient).is_none());
+    exp.spec.store.credentials_secret = Some("s3".into());
+    assert!(refusal_for_cluster(&exp, strict).is_none());
+}

@@ -50,12 +50,23 @@ pub async fn stop_reason(
         .as_ref()
         .map(|r| &r.spec.stop)
         .unwrap_or(&record.spec.stop);
+    conditions_met(population, stop, record.created_at_ms).await
+}
+
+/// Which of `stop`'s conditions is met, for an experiment created at `created_at_ms`, when
+/// the caller knows the current stop conditions (the operator, which just recorded them) and
+/// has checked the stop marker.
+pub async fn conditions_met(
+    population: &Population,
+    stop: &crds::StopSpec,
+    created_at_ms: u64,
+) -> Result<Option<String>, StoreError> {
     if let Some(wall) = stop
         .wall_time
         .as_deref()
         .and_then(|w| crds::parse_duration(w).ok())
     {
-        let elapsed = now_ms().saturating_sub(record.created_at_ms);
+        let elapsed = now_ms().saturating_sub(created_at_ms);
         if elapsed >= wall.as_millis() as u64 {
             return Ok(Some(format!(
                 "wall time of {} reached",

@@ -108,6 +108,10 @@ fn build_binaries() -> PathBuf {
             return dir;
         }
     }
+    eprintln!(
+        "the operator and trainer binaries in {} are missing or older than their sources: building them",
+        dir.display()
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "-p", "operator", "-p", "trainer", "--bins"])
@@ -498,8 +502,14 @@ fn phase(status: &crds::EvolutionExperimentStatus) -> Option<Phase> {
 
 const LONG: Duration = Duration::from_secs(240);
 
+/// Held shared by every scenario, and exclusively by the one that kills operator replicas:
+/// the others would see a minute without a leader, and a new leader without the store
+/// clients the old one had made.
+static OPERATOR: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[tokio::test]
 async fn cel_rules_refuse_at_admission_and_printer_columns_show_values() {
+    let _operator = OPERATOR.read().await;
     let scene = Scene::new("admission").await;
     let refused = [
         (
@@ -602,6 +612,7 @@ async fn cel_rules_refuse_at_admission_and_printer_columns_show_values() {
 
 #[tokio::test]
 async fn an_experiment_runs_suspends_resumes_survives_disruption_and_succeeds() {
+    let _operator = OPERATOR.read().await;
     let scene = Scene::new("lifecycle").await;
     // A name with dots, as DNS subdomain names may have.
     let name = "tiny.run-1";
@@ -743,6 +754,7 @@ async fn an_experiment_runs_suspends_resumes_survives_disruption_and_succeeds() 
 
 #[tokio::test]
 async fn spec_edits_are_applied_never_wedged() {
+    let _operator = OPERATOR.read().await;
     let scene = Scene::new("edits").await;
     let name = "edited";
     let manifest = scene.manifest(name, json!({ "stop": { "individualsTrained": 100000 } }));
@@ -829,6 +841,7 @@ async fn spec_edits_are_applied_never_wedged() {
 
 #[tokio::test]
 async fn pods_that_cannot_start_are_pending_and_a_configuration_error_fails_the_job() {
+    let _operator = OPERATOR.read().await;
     let scene = Scene::new("faults").await;
     // The Secret lacks a key: pods wait in CreateContainerConfigError, which is not running.
     let secrets: Api<Secret> = Api::namespaced(scene.client.clone(), &scene.namespace);
@@ -883,6 +896,7 @@ async fn pods_that_cannot_start_are_pending_and_a_configuration_error_fails_the_
 
 #[tokio::test]
 async fn deleting_a_namespace_never_hangs() {
+    let _operator = OPERATOR.read().await;
     let scene = Scene::new("teardown").await;
     // 63 characters: the longest name a label value takes whole.
     let long = format!("long-{}", "n".repeat(58));
@@ -932,6 +946,7 @@ async fn deleting_a_namespace_never_hangs() {
 
 #[tokio::test]
 async fn the_operator_survives_being_killed_and_a_standby_takes_over() {
+    let _operator = OPERATOR.write().await;
     let scene = Scene::new("failover").await;
     let name = "steady";
     let manifest = scene.manifest(name, json!({ "stop": { "individualsTrained": 100000 } }));

@@ -110,6 +110,8 @@ async fn sigkill_mid_training_leaves_no_partial_individual() {
     let mut record = population.experiment().await.unwrap().unwrap();
     let so_far = population.summary().await.unwrap().trained;
     record.spec.stop.individuals_trained = Some(so_far + 5);
+    // The stored stop conditions decide (they are the editable part of a running experiment).
+    population.update_stop(&record.spec.stop).await.unwrap();
     let split = Arc::new(Split::load(&data, Dataset::Cifar10, record.spec.seed, None).unwrap());
     let trainer = Arc::new(CandleTrainer {
         data: split,
