@@ -618,7 +618,9 @@ async fn an_experiment_runs_suspends_resumes_survives_disruption_and_succeeds() 
     let name = "tiny.run-1";
     let manifest = scene.manifest(
         name,
-        json!({ "stop": { "individualsTrained": 100000 }, "store": { "retention": "Delete" } }),
+        // Twelve individuals: each worker stopped mid-reproduction (suspend, deletion,
+        // eviction) can take one with it, and four must not empty the population.
+        json!({ "population": 12, "stop": { "individualsTrained": 100000 }, "store": { "retention": "Delete" } }),
     );
     scene.apply(&manifest).expect("kubectl apply");
     let status = scene
