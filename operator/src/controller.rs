@@ -229,13 +229,21 @@ pub async fn observe_store(experiment: &Experiment, population: &Population) -> 
         }
     }
     let summary = population.summary().await?;
-    let best = match &summary.best {
-        Some(entry) => population.individual(&entry.id).await?,
+    // The evaluation reports the best readable individual: the best by validation unless its
+    // weights are unreadable, when the status follows the evaluation's choice.
+    let reported = population.reported_test_result().await?;
+    let best_id = match &reported {
+        Some(r) => Some(r.id.clone()),
+        None => summary.best.as_ref().map(|b| b.id.clone()),
+    };
+    let best = match &best_id {
+        Some(id) => population.individual(id).await?,
         None => None,
     };
-    let test = match &best {
-        Some(b) => population.test_result(&b.id).await?,
-        None => None,
+    let test = match (&reported, &best) {
+        (Some(r), _) => Some(r.clone()),
+        (None, Some(b)) => population.test_result(&b.id).await?,
+        (None, None) => None,
     };
     Ok(StoreView {
         summary,

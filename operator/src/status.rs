@@ -430,6 +430,7 @@ mod tests {
             stop: Some(StopMarker {
                 reason: "wall time".into(),
                 at_ms: 0,
+                nonce: String::new(),
             }),
             ..StoreView::default()
         };

@@ -64,10 +64,62 @@ impl Flops {
     }
 }
 
+/// The memory a training of `dna` needs, estimated before it is built, so that a child too
+/// large for its device fails as an individual instead of ending its worker.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Memory {
+    /// Trainable parameters (filters as computed, see the module doc).
+    pub parameters: u64,
+    /// Activation elements of one example's forward pass, input included.
+    pub activations_per_example: u64,
+}
+
+impl Memory {
+    pub fn of(dna: &Dna, spec: ModelSpec) -> Self {
+        let shapes = dna.shapes(spec.input);
+        let mut parameters = 0u64;
+        let mut activations = spec.input.elements() as u64;
+        for index in 1..dna.vertices.len() {
+            let out = shapes[index];
+            if let EdgeKind::Convolution(c) = &dna.primary_edge_into(index).kind {
+                let input = shapes[index - 1];
+                let kh = c.filter_height().min(2 * input.height - 1);
+                let kw = c.filter_width().min(2 * input.width - 1);
+                parameters += (input.channels * kh * kw * out.channels + out.channels) as u64;
+            }
+            if dna.vertices[index].activation == Activation::BatchNormRelu {
+                parameters += 2 * out.channels as u64;
+            }
+            activations += out.elements() as u64;
+        }
+        let features = shapes.last().expect("valid DNA").elements() as u64;
+        parameters += features * spec.classes as u64 + spec.classes as u64;
+        Self {
+            parameters,
+            activations_per_example: activations,
+        }
+    }
+
+    /// Bytes of f32 a training step at `batch` examples holds: each parameter with its
+    /// gradient, momentum and the parent's copy; each activation with what backpropagation
+    /// keeps of it (the value, the batch-norm intermediates and the gradient).
+    pub fn training_bytes(&self, batch: usize) -> u64 {
+        4 * (4 * self.parameters + 4 * self.activations_per_example * batch as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dna::{Convolution, Vertex};
+
+    #[test]
+    fn memory_of_the_linear_model() {
+        let memory = Memory::of(&Dna::initial(), ModelSpec::cifar(10));
+        assert_eq!(memory.parameters, 30_730);
+        assert_eq!(memory.activations_per_example, 2 * 3072);
+        assert_eq!(memory.training_bytes(50), 4 * (4 * 30_730 + 4 * 6144 * 50));
+    }
 
     #[test]
     fn linear_model_by_hand() {

@@ -30,6 +30,7 @@ pub fn outcome(fitness: f64, dna: &Dna) -> Outcome {
         overhead_seconds: 0.01,
         tf32: false,
         device: "cpu".into(),
+        failure: None,
     }
 }
 
@@ -57,6 +58,7 @@ pub fn individual(fitness: f64) -> Individual {
         lineage: initial_lineage("fixture"),
         started_at_ms: now_ms(),
         born_at_ms: now_ms(),
+        kept: false,
     }
 }
 

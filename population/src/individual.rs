@@ -48,6 +48,12 @@ impl IndividualId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// When the id was made (Unix ms), for ids made by [`IndividualId::new`].
+    pub fn created_ms(&self) -> Option<u64> {
+        let (time, _) = self.0.split_once('-')?;
+        u64::from_str_radix(time, 16).ok()
+    }
 }
 
 impl Default for IndividualId {
@@ -125,6 +131,10 @@ pub struct Outcome {
     /// The device it trained on (`cpu`, `cuda:0`).
     #[serde(default)]
     pub device: String,
+    /// Why it could not be trained (a model too large for the device, a training error):
+    /// such an individual has fitness 0 and no weights, and loses its next tournament.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,6 +147,9 @@ pub struct Individual {
     /// When its worker started on it and when it became alive, in Unix milliseconds.
     pub started_at_ms: u64,
     pub born_at_ms: u64,
+    /// Born the best its worker had seen: its weights are kept after its death.
+    #[serde(default)]
+    pub kept: bool,
 }
 
 impl Individual {

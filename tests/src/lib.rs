@@ -9,6 +9,7 @@
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
 
 pub mod cluster;
+pub mod faults;
 pub mod moto;
 pub mod s3s;
 pub mod tools;

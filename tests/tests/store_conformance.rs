@@ -11,7 +11,7 @@ use cambrian_tests::s3s::{Fault, S3Server};
 use cambrian_tests::{as_dyn, s3_store, unique_bucket};
 use population::fixtures::{self, individual};
 use population::store::{
-    AliveEntry, FileStore, ObjectStore, Population, ProgressEntry, StoreError,
+    AliveEntry, FileStore, ObjectStore, Population, ProgressEntry, StoreError, Vacancy,
 };
 
 async fn objects(store: &dyn ObjectStore) {
@@ -41,6 +41,11 @@ async fn create_only(store: &dyn ObjectStore) {
         .await
         .unwrap());
     assert_eq!(store.get("once").await.unwrap().unwrap(), &b"first"[..]);
+    // A retry of a write whose response was lost finds its own body: it won.
+    assert!(store
+        .put_new("once", Bytes::from_static(b"first"))
+        .await
+        .unwrap());
 }
 
 /// 64 racing create-only writes of one key: exactly one wins, and the object is whole.
@@ -142,22 +147,17 @@ async fn population(store: Arc<dyn ObjectStore>) {
         .unwrap();
     let alive = population.alive().await.unwrap();
     assert_eq!(alive.len(), 2);
-    assert!(alive.contains(&AliveEntry {
-        id: a.id.clone(),
-        fitness: 0.25
-    }));
+    assert!(alive.contains(&AliveEntry::new(a.id.clone(), 0.25)));
     assert_eq!(population.individual(&a.id).await.unwrap().unwrap(), a);
 
-    // Concurrent kills of one individual: exactly one wins; weights go, the record stays.
-    let victim = AliveEntry {
-        id: a.id.clone(),
-        fitness: 0.25,
-    };
+    // Concurrent kills of one individual: exactly one wins. The alive key goes at once; the
+    // weights stay until the place is filled, the record for good.
+    let victim = AliveEntry::new(a.id.clone(), 0.25);
     let mut kills = Vec::new();
-    for _ in 0..16 {
+    for i in 0..16 {
         let (population, victim) = (population.clone(), victim.clone());
         kills.push(tokio::spawn(async move {
-            population.kill(&victim, false).await.unwrap()
+            population.kill(&victim, &format!("w{i}")).await.unwrap()
         }));
     }
     let mut won = 0;
@@ -166,11 +166,46 @@ async fn population(store: Arc<dyn ObjectStore>) {
     }
     assert_eq!(won, 1);
     assert_eq!(population.alive().await.unwrap().len(), 1);
+    assert!(population.weights(&a.id).await.unwrap().is_some());
+    // Its place is filled exactly once, however many children race for it.
+    let place = Vacancy::Replacing(a.id.clone());
+    let mut fills = Vec::new();
+    for _ in 0..8 {
+        let (population, place) = (population.clone(), place.clone());
+        fills.push(tokio::spawn(async move {
+            let child = individual(0.3);
+            let won = population.publish_into(&place, &child).await.unwrap();
+            (won, child.id)
+        }));
+    }
+    let mut winners = Vec::new();
+    for f in fills {
+        let (won, id) = f.await.unwrap();
+        if won {
+            winners.push(id);
+        } else {
+            assert!(population.individual(&id).await.unwrap().is_none());
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(
+        population.filled_by(&place).await.unwrap(),
+        Some(winners[0].clone())
+    );
+    assert_eq!(population.alive().await.unwrap().len(), 2);
+    population.collect(&victim).await.unwrap();
     assert_eq!(population.weights(&a.id).await.unwrap(), None);
+    let child = AliveEntry::new(winners[0].clone(), 0.3);
+    assert!(population.kill(&child, "w0").await.unwrap());
+    // A kill undone: alive again, killable again.
+    population.revive(&child).await.unwrap();
+    assert!(!population.is_dead(&child.id).await.unwrap());
+    assert!(population.kill(&child, "w0").await.unwrap());
+    population.collect(&child).await.unwrap();
     assert!(population.individual(&a.id).await.unwrap().is_some());
     assert_eq!(
         population.dead().await.unwrap(),
-        HashSet::from([a.id.clone()])
+        HashSet::from([a.id.clone(), winners[0].clone()])
     );
 
     // Progress keys replace each other; the summary adds them up.
@@ -179,10 +214,7 @@ async fn population(store: Arc<dyn ObjectStore>) {
         trained: 1,
         flops: 1e9,
         seconds: 1.0,
-        best: Some(AliveEntry {
-            id: b.id.clone(),
-            fitness: 0.5,
-        }),
+        best: Some(AliveEntry::new(b.id.clone(), 0.5)),
     };
     let key = population.record_progress(&entry, None).await.unwrap();
     entry.trained = 2;

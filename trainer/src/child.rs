@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use candle_core::Device;
 
-use population::cost::Flops;
+use population::cost::{Flops, Memory};
 use population::dna::{Dna, ModelSpec};
 use population::individual::Outcome;
 use population::seed::{self, Stream};
@@ -32,6 +32,15 @@ pub enum ChildError {
     Weights(#[from] WeightsError),
     #[error("starting the training threads: {0}")]
     Threads(#[from] rayon::ThreadPoolBuildError),
+    #[error("the model needs about {needed_mib} MiB to train ({parameters} parameters) and {device} has {available_mib} MiB to spare")]
+    TooLarge {
+        needed_mib: u64,
+        available_mib: u64,
+        parameters: u64,
+        device: String,
+    },
+    #[error("the training diverged: the loss is not finite")]
+    Diverged,
 }
 
 /// A child to train: its DNA, what it may inherit, and its seed.
@@ -68,6 +77,8 @@ pub struct CandleTrainer {
     /// the worker loops that use this trainer at once ([`crate::threads::cpu_share`]).
     pub cpu_threads: usize,
     pub kernels: Kernels,
+    /// Bytes a child may use; `None`: what the device has free when the child starts.
+    pub memory_limit: Option<u64>,
 }
 
 impl ChildTrainer for CandleTrainer {
@@ -84,11 +95,12 @@ impl CandleTrainer {
         if tf32 {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }
+        let spec = ModelSpec::cifar(self.data.kind.classes());
+        self.check_memory(&job.dna, spec)?;
         let parent = job
             .parent_weights
             .map(|bytes| Weights::from_safetensors(&bytes, &self.device))
             .transpose()?;
-        let spec = ModelSpec::cifar(self.data.kind.classes());
         let (model, inheritance) = Model::build(
             &job.dna,
             spec,
@@ -110,6 +122,9 @@ impl CandleTrainer {
             &self.device,
             &|| stop.is_stopped(),
         )?;
+        if report.diverged {
+            return Err(ChildError::Diverged);
+        }
         let evaluation = if report.interrupted {
             None
         } else {
@@ -144,6 +159,7 @@ impl CandleTrainer {
                 overhead_seconds: 0.0,
                 tf32,
                 device: device::name(&self.device),
+                failure: None,
             },
             weights,
             inherited_tensors: inheritance.inherited.len(),
@@ -154,6 +170,28 @@ impl CandleTrainer {
 }
 
 impl CandleTrainer {
+    /// Refuses a model whose training would not fit in the memory its device has to spare:
+    /// better one failed individual than a worker killed by the kernel or the driver.
+    fn check_memory(&self, dna: &Dna, spec: ModelSpec) -> Result<(), ChildError> {
+        let memory = Memory::of(dna, spec);
+        let needed = memory.training_bytes(self.config.batch_size);
+        let Some(available) = self
+            .memory_limit
+            .or_else(|| device::free_memory(&self.device))
+        else {
+            return Ok(());
+        };
+        if needed > available {
+            return Err(ChildError::TooLarge {
+                needed_mib: needed >> 20,
+                available_mib: available >> 20,
+                parameters: memory.parameters,
+                device: device::name(&self.device),
+            });
+        }
+        Ok(())
+    }
+
     /// The trainer of an experiment: its training settings, on `device`, with the CPU's cores
     /// shared between `loops` worker loops training at once.
     pub fn for_spec(
@@ -169,6 +207,7 @@ impl CandleTrainer {
             tf32: spec.tf32,
             cpu_threads: threads::cpu_share(loops),
             kernels: Kernels::default(),
+            memory_limit: None,
         }
     }
 }

@@ -52,6 +52,23 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// Bytes the device can give a new training now: on the CPU, what the kernel says is
+/// available without swapping. `None` where it cannot be known cheaply (CUDA: an allocation
+/// the device cannot serve fails the child with the driver's error instead).
+pub fn free_memory(device: &Device) -> Option<u64> {
+    if !device.is_cpu() {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|line| {
+        let kib = line
+            .strip_prefix("MemAvailable:")?
+            .trim()
+            .strip_suffix("kB")?;
+        kib.trim().parse::<u64>().ok().map(|k| k * 1024)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +77,7 @@ mod tests {
     fn names_are_checked() {
         assert!(open("cpu").unwrap().is_cpu());
         assert_eq!(name(&Device::Cpu), "cpu");
+        assert!(free_memory(&Device::Cpu).is_some_and(|b| b > 1 << 20));
         for (bad, says) in [("tpu", "unknown device"), ("cuda:x", "expected cuda:N")] {
             let err = open(bad).unwrap_err().to_string();
             assert!(err.contains(says), "{bad}: {err}");

@@ -65,7 +65,12 @@ impl Model {
                     &format!("edge{}", primary.id),
                     shapes[from].channels,
                     c.out_channels(),
-                    (c.filter_height(), c.filter_width()),
+                    // Only the taps that can reach the image are stored (see `Conv2d`):
+                    // however large evolution makes a filter, its memory stays bounded.
+                    (
+                        c.filter_height().min(2 * shapes[from].height - 1),
+                        c.filter_width().min(2 * shapes[from].width - 1),
+                    ),
                     c.stride(),
                 )?),
             };

@@ -30,6 +30,8 @@ pub enum ReportError {
     Empty(String),
     #[error("the weights of individual {0} are gone (it died and was collected)")]
     NoWeights(String),
+    #[error("tensor {0} is missing or has another shape than the DNA's network")]
+    Incomplete(String),
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(transparent)]
@@ -57,10 +59,72 @@ impl Gathered {
     /// The best individual by validation accuracy, alive or dead, ranked as the status ranks
     /// it ([`population::individual::rank`]).
     pub fn best(&self) -> Option<&Individual> {
-        self.individuals
-            .iter()
-            .max_by(|a, b| population::individual::rank((a.fitness(), &a.id), (b.fitness(), &b.id)))
+        self.ranked().into_iter().next()
     }
+
+    /// Every individual, best first, in the one order every reader uses.
+    pub fn ranked(&self) -> Vec<&Individual> {
+        let mut ranked: Vec<&Individual> = self.individuals.iter().collect();
+        ranked.sort_by(|a, b| {
+            population::individual::rank((b.fitness(), &b.id), (a.fitness(), &a.id))
+        });
+        ranked
+    }
+}
+
+/// The best individual whose weights load into its network: what is reported, measured and
+/// exported. Individuals ranked above it whose weights are gone or unreadable are named in
+/// `skipped`, never exported.
+pub struct Readable<'a> {
+    pub individual: &'a Individual,
+    pub weights: bytes::Bytes,
+    pub skipped: Vec<(String, String)>,
+}
+
+pub async fn best_readable<'a>(
+    population: &Population,
+    g: &'a Gathered,
+) -> Result<Readable<'a>, ReportError> {
+    let classes = g.record.spec.data.dataset.classes();
+    let mut skipped = Vec::new();
+    for candidate in g.ranked() {
+        if candidate.outcome.failure.is_some() {
+            continue;
+        }
+        let why = match population.weights(&candidate.id).await {
+            Ok(Some(bytes)) => match loads(&candidate.dna, classes, &bytes) {
+                Ok(()) => {
+                    return Ok(Readable {
+                        individual: candidate,
+                        weights: bytes,
+                        skipped,
+                    })
+                }
+                Err(e) => format!("its weights are unreadable: {e}"),
+            },
+            Ok(None) => "its weights are gone (it died and was collected)".to_string(),
+            Err(e) => format!("its weights cannot be read: {e}"),
+        };
+        tracing::warn!(id = %candidate.id, why, "skipping a better individual");
+        skipped.push((candidate.id.to_string(), why));
+    }
+    Err(ReportError::Empty(population.url().to_string()))
+}
+
+/// Whether `bytes` hold every tensor of `dna`'s network, each of its shape.
+fn loads(dna: &population::dna::Dna, classes: usize, bytes: &[u8]) -> Result<(), ReportError> {
+    let weights = Weights::from_safetensors(bytes, &Device::Cpu)?;
+    let (_, inheritance) = Model::build(
+        dna,
+        ModelSpec::cifar(classes),
+        Some(&weights),
+        &mut seed::rng(0, Stream::Initialisation),
+        &Device::Cpu,
+    )?;
+    if let Some(missing) = inheritance.fresh.first() {
+        return Err(ReportError::Incomplete(missing.clone()));
+    }
+    Ok(())
 }
 
 /// Reads every individual's record (16 at a time).
@@ -101,7 +165,7 @@ pub async fn gather(population: &Population) -> Result<Gathered, ReportError> {
     })
 }
 
-pub fn summary_text(g: &Gathered, test: Option<&TestResult>) -> String {
+pub fn summary_text(g: &Gathered, best: Option<&Readable>, test: Option<&TestResult>) -> String {
     let mut out = String::new();
     let spec = &g.record.spec;
     let flops: f64 = g.individuals.iter().map(|i| i.outcome.flops).sum();
@@ -162,7 +226,11 @@ pub fn summary_text(g: &Gathered, test: Option<&TestResult>) -> String {
             worker_total - train - eval,
         );
     }
-    if let Some(best) = g.best() {
+    if let Some(readable) = best {
+        for (id, why) in &readable.skipped {
+            let _ = writeln!(out, "skipped      {id}, better by validation: {why}");
+        }
+        let best = readable.individual;
         let _ = writeln!(
             out,
             "best         {} validation {:.4}{}",
@@ -200,20 +268,14 @@ fn ancestors(g: &Gathered, individual: &Individual) -> usize {
     count
 }
 
-/// Writes the best individual's DNA, weights and record into `dir`.
+/// Writes the best readable individual's DNA, weights and record into `dir`.
 pub async fn export_best(
-    population: &Population,
-    g: &Gathered,
+    best: &Readable<'_>,
     test: Option<&TestResult>,
     dir: &Path,
 ) -> Result<PathBuf, ReportError> {
-    let best = g
-        .best()
-        .ok_or_else(|| ReportError::Empty(population.url().to_string()))?;
-    let weights = population
-        .weights(&best.id)
-        .await?
-        .ok_or_else(|| ReportError::NoWeights(best.id.to_string()))?;
+    let weights = &best.weights;
+    let best = best.individual;
     let write = |name: &str, bytes: &[u8]| -> Result<(), ReportError> {
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| ReportError::Write {
@@ -226,7 +288,7 @@ pub async fn export_best(
         message: e.to_string(),
     })?;
     write("dna.json", best.dna.to_json().as_bytes())?;
-    write("weights.safetensors", &weights)?;
+    write("weights.safetensors", weights)?;
     let mut result = serde_json::to_value(best).expect("serialisable");
     if let Some(t) = test.filter(|t| t.id == best.id) {
         result["test"] = serde_json::to_value(t).expect("serialisable");
@@ -240,24 +302,21 @@ pub async fn export_best(
     Ok(dir.to_path_buf())
 }
 
-/// Measures the best individual by validation accuracy on the test set, once, and records the
-/// result in the store; a result already recorded for the same individual is reused.
+/// Measures the best readable individual by validation accuracy on the test set, once, and
+/// records the result in the store; a result already recorded for the same individual is
+/// reused.
 pub async fn evaluate_best(
     population: &Population,
     g: &Gathered,
+    best: &Readable<'_>,
     data_dir: &Path,
     device: &Device,
 ) -> Result<TestResult, ReportError> {
-    let best = g
-        .best()
-        .ok_or_else(|| ReportError::Empty(population.url().to_string()))?;
+    let weights = best.weights.clone();
+    let best = best.individual;
     if let Some(result) = population.test_result(&best.id).await? {
         return Ok(result);
     }
-    let weights = population
-        .weights(&best.id)
-        .await?
-        .ok_or_else(|| ReportError::NoWeights(best.id.to_string()))?;
     let kind = g.record.spec.data.dataset;
     let spec = g.record.spec.clone();
     let dna = best.dna.clone();

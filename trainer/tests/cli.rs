@@ -65,6 +65,42 @@ fn local_run_trains_reports_exports_and_plots() {
     let again = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{again}");
     assert!(again.contains("best"), "{again}");
+    // Exactly the twelve trainings asked for, and all four places filled at the end.
+    assert!(again.contains("12 trained, 4 alive"), "{again}");
+
+    // Run again: it says what stopped it and how to go on, and trains nothing.
+    let run = |manifest: &std::path::Path| {
+        trainer()
+            .arg("run")
+            .arg(manifest)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let output = run(&manifest);
+    let second = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{second}");
+    assert!(
+        second.contains("already stopped: 12 individuals trained"),
+        "{second}"
+    );
+    assert!(second.contains("raise the stop condition"), "{second}");
+    assert!(second.contains("12 trained, 4 alive"), "{second}");
+    // Raise the stop condition: it goes on, to exactly the new count.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("individualsTrained: 12", "individualsTrained: 16"),
+    )
+    .unwrap();
+    let output = run(&manifest);
+    let third = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{third}");
+    assert!(third.contains("it goes on"), "{third}");
+    assert!(third.contains("16 trained, 4 alive"), "{third}");
 }
 
 #[test]

@@ -72,6 +72,11 @@ impl FileStore {
         Ok(tmp)
     }
 
+    async fn links(path: &Path) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        tokio::fs::metadata(path).await.ok().map(|m| m.nlink())
+    }
+
     async fn parent_dir(&self, key: &str, path: &Path) -> Result<(), StoreError> {
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent)
@@ -115,12 +120,23 @@ impl ObjectStore for FileStore {
         self.parent_dir(key, &path).await?;
         let tmp = self.stage(key, &body).await?;
         let linked = tokio::fs::hard_link(&tmp, &path).await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        match linked {
+        let outcome = match linked {
             Ok(()) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                // On NFS a link whose reply was lost is retransmitted and fails with EEXIST
+                // although it was made: the staged file then has two links. Failing that, an
+                // earlier attempt of this same write (a retry) left exactly this body.
+                let ours = Self::links(&tmp).await == Some(2)
+                    || self
+                        .get(key)
+                        .await?
+                        .is_some_and(|existing| existing == body);
+                Ok(ours)
+            }
             Err(e) => Err(self.error("link", key, e)),
-        }
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        outcome
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -7,13 +7,19 @@ mod counting;
 mod file;
 pub mod layout;
 mod population;
+mod resilient;
 mod s3;
+mod vacancies;
 
 pub use counting::{CountingStore, RequestCounts};
 pub use file::FileStore;
-pub use layout::{check_worker_name, AliveEntry, InvalidWorkerName, ProgressEntry};
-pub use population::{ExperimentRecord, Population, StopMarker, StoreOwner, Summary, TestResult};
+pub use layout::{check_worker_name, AliveEntry, InvalidWorkerName, Lease, ProgressEntry, Vacancy};
+pub use population::{
+    Claim, ExperimentRecord, Population, StopMarker, StoreOwner, Summary, TestResult,
+};
+pub use resilient::{Resilient, RetryPolicy};
 pub use s3::{S3Settings, S3Store};
+pub use vacancies::{adoptable, pick, Audit, Sweep, VacancyState, CLOCK_SKEW};
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -23,6 +29,14 @@ use bytes::Bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A request that did not answer within its attempt timeout.
+    #[error("{store}: {operation} {key}: no answer within {seconds} s")]
+    Timeout {
+        store: String,
+        operation: &'static str,
+        key: String,
+        seconds: u64,
+    },
     #[error("invalid store key {key:?}: {reason}")]
     InvalidKey { key: String, reason: String },
     /// Its reason is not a `source`: the message already says it, and error chains would
@@ -62,7 +76,10 @@ pub trait ObjectStore: Send + Sync + Debug {
     /// Writes the object whole, replacing any previous one; readers never see part of it.
     async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
     /// Writes the object only if none exists: `true` if this call created it. Among concurrent
-    /// callers exactly one gets `true`.
+    /// callers exactly one gets `true`. A write whose response was lost and that is retried
+    /// finds the key taken; backends then read the object and answer `true` if it holds
+    /// exactly `body`, so callers make every body unique (a nonce) and a lost response never
+    /// reads as a lost race.
     async fn put_new(&self, key: &str, body: Bytes) -> Result<bool, StoreError>;
     /// Removes the object; removing a missing one is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
@@ -94,6 +111,17 @@ pub async fn open_with_credentials(
             })
             .await?,
         )),
+    }
+}
+
+impl StoreError {
+    /// Whether trying again later can succeed: an outage, a timeout, a server error. Bad keys,
+    /// corrupt objects, conflicts and credentials need a person.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend { .. } | StoreError::Timeout { .. }
+        )
     }
 }
 

@@ -10,9 +10,9 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{
-    self, alive_key, check_worker_name, dead_key, evaluation_key, record_key, slot_key,
-    weights_key, AliveEntry, ProgressEntry, ALIVE, DEAD, EXPERIMENT, INDIVIDUALS, OWNER, PROGRESS,
-    SLOTS, STOP,
+    self, check_worker_name, dead_key, evaluation_key, record_key, slot_key, weights_key,
+    AliveEntry, ProgressEntry, Vacancy, ALIVE, DEAD, EXPERIMENT, INDIVIDUALS, OWNER, PROGRESS,
+    REPORTED, SLOTS, STOP,
 };
 use super::{ObjectStore, StoreError};
 use crate::dna::Dna;
@@ -47,6 +47,13 @@ impl std::fmt::Display for StoreOwner {
 pub struct StopMarker {
     pub reason: String,
     pub at_ms: u64,
+    #[serde(default)]
+    pub nonce: String,
+}
+
+impl StopMarker {
+    /// How to go on from a stop, for the messages of commands that meet one.
+    pub const HOW_TO_GO_ON: &'static str = "to go on, raise the stop condition that ended it (spec.stop) and run again, or give a fresh store URL for a new experiment";
 }
 
 /// What the status and the progress bar show; two LISTs compute it.
@@ -68,6 +75,43 @@ pub struct TestResult {
     pub correct: usize,
     pub total: usize,
     pub at_ms: u64,
+}
+
+/// A value no other write will ever carry. Every create-only body holds one, so that a
+/// writer whose response was lost, and who retried and was told the key exists, can read the
+/// object and tell its own write from another's.
+pub(super) fn nonce() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// What a create-only claim holds: who made it, when, and a nonce that makes it unique.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub worker: String,
+    pub at_ms: u64,
+    pub nonce: String,
+    /// The child that fills a vacancy (`filled/` claims only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<IndividualId>,
+}
+
+impl Claim {
+    pub fn new(worker: &str) -> Self {
+        Self {
+            worker: worker.to_string(),
+            at_ms: now_ms(),
+            nonce: nonce(),
+            child: None,
+        }
+    }
+
+    pub fn body(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("serialisable"))
+    }
 }
 
 /// The population of one experiment in one store.
@@ -94,7 +138,7 @@ impl Population {
         self.store.url()
     }
 
-    fn skip(&self, key: &str, why: &str) {
+    pub(super) fn skip_foreign(&self, key: &str, why: &str) {
         let new = self
             .reported
             .lock()
@@ -180,7 +224,7 @@ impl Population {
                 Some(k) => {
                     slots.insert(k);
                 }
-                None => self.skip(&key, "not a slot number"),
+                None => self.skip_foreign(&key, "not a slot number"),
             }
         }
         Ok(slots)
@@ -189,8 +233,17 @@ impl Population {
     /// Claims initial-population slot `slot`: `true` if this worker now owns it.
     pub async fn claim_slot(&self, slot: u32, worker: &str) -> Result<bool, StoreError> {
         self.store
-            .put_new(&slot_key(slot), Bytes::from(worker.to_string()))
+            .put_new(&slot_key(slot), Claim::new(worker).body())
             .await
+    }
+
+    /// Gives a claimed slot back, for a child abandoned before it was born.
+    pub async fn release_slot(&self, slot: u32) -> Result<(), StoreError> {
+        self.store.delete(&slot_key(slot)).await
+    }
+
+    pub async fn slot_claimed(&self, slot: u32) -> Result<bool, StoreError> {
+        Ok(self.store.get(&slot_key(slot)).await?.is_some())
     }
 
     /// The alive individuals, from one LIST.
@@ -199,7 +252,7 @@ impl Population {
         for key in self.store.list(ALIVE).await? {
             match AliveEntry::parse(&key) {
                 Some(entry) => alive.push(entry),
-                None => self.skip(&key, "not <id>@<fitness>"),
+                None => self.skip_foreign(&key, "not <id>@<fitness>"),
             }
         }
         Ok(alive)
@@ -241,34 +294,109 @@ impl Population {
         self.store.put(&weights_key(id), weights).await
     }
 
-    /// The second half: the record, then the alive key; from here on the individual exists.
+    /// The second half, outside any vacancy (tests and tools that build a population by
+    /// hand): the record, then the alive key; from here on the individual exists.
     pub async fn publish(&self, individual: &Individual) -> Result<(), StoreError> {
-        let id = &individual.id;
-        let record = serde_json::to_vec_pretty(individual).expect("serialisable");
-        self.store.put(&record_key(id), Bytes::from(record)).await?;
+        self.put_record(individual).await?;
         self.store
-            .put(&alive_key(id, individual.fitness()), Bytes::new())
+            .put(&Self::alive_entry(individual).key(), Bytes::new())
             .await
+    }
+
+    pub(super) fn alive_entry(individual: &Individual) -> AliveEntry {
+        AliveEntry {
+            id: individual.id.clone(),
+            fitness: individual.fitness(),
+            kept: individual.kept,
+        }
+    }
+
+    pub async fn put_record(&self, individual: &Individual) -> Result<(), StoreError> {
+        let record = serde_json::to_vec_pretty(individual).expect("serialisable");
+        self.store
+            .put(&record_key(&individual.id), Bytes::from(record))
+            .await
+    }
+
+    /// Puts a trained child in `vacancy`: its record, the create-only fill, then its alive key.
+    /// `false` if another child filled the vacancy first (a worker that adopted it while this
+    /// one was presumed dead); this child's objects are then removed, and it never existed.
+    pub async fn publish_into(
+        &self,
+        vacancy: &Vacancy,
+        individual: &Individual,
+    ) -> Result<bool, StoreError> {
+        self.put_record(individual).await?;
+        let claim = Claim {
+            child: Some(individual.id.clone()),
+            ..Claim::new(&individual.lineage.worker)
+        };
+        if !self
+            .store
+            .put_new(&vacancy.filled_key(), claim.body())
+            .await?
+        {
+            self.discard(&individual.id).await?;
+            return Ok(false);
+        }
+        self.store
+            .put(&Self::alive_entry(individual).key(), Bytes::new())
+            .await?;
+        Ok(true)
+    }
+
+    /// Removes the objects of a child that never became alive.
+    pub async fn discard(&self, id: &IndividualId) -> Result<(), StoreError> {
+        self.store.delete(&record_key(id)).await?;
+        self.store.delete(&weights_key(id)).await
+    }
+
+    /// The child that filled `vacancy`, if one did.
+    pub async fn filled_by(&self, vacancy: &Vacancy) -> Result<Option<IndividualId>, StoreError> {
+        let key = vacancy.filled_key();
+        let Some(bytes) = self.store.get(&key).await? else {
+            return Ok(None);
+        };
+        let claim: Claim = serde_json::from_slice(&bytes).map_err(|e| self.corrupt(&key, e))?;
+        claim
+            .child
+            .map(Some)
+            .ok_or_else(|| self.corrupt(&key, "it names no child"))
     }
 
     /// Kills `victim`: `true` if this call did it. Exactly one of any number of concurrent
     /// callers wins; the others get `false` and, as in the paper, give up and try again.
-    /// The winner removes the alive key and collects the weights (unless `keep_weights`); the
-    /// record stays as lineage.
-    pub async fn kill(&self, victim: &AliveEntry, keep_weights: bool) -> Result<bool, StoreError> {
-        let body = serde_json::to_vec(&serde_json::json!({ "killed_at_ms": now_ms() }))
-            .expect("serialisable");
+    /// The alive key goes at once, so that no other tournament picks the victim; its weights
+    /// stay until its place is filled (see [`Population::collect`]), so that a reproduction
+    /// abandoned at a stop can give the victim its place back; the record stays as lineage.
+    pub async fn kill(&self, victim: &AliveEntry, killer: &str) -> Result<bool, StoreError> {
         let won = self
             .store
-            .put_new(&dead_key(&victim.id), Bytes::from(body))
+            .put_new(&dead_key(&victim.id), Claim::new(killer).body())
             .await?;
         // A loser also cleans up: the winner may have crashed between its kill and its
         // cleanup, and removing what is already removed is harmless.
         self.store.delete(&victim.key()).await?;
-        if !keep_weights {
-            self.store.delete(&weights_key(&victim.id)).await?;
-        }
         Ok(won)
+    }
+
+    /// Undoes a kill whose child was abandoned: the victim is alive again, as if it had never
+    /// lost. Only the killer, holding the vacancy's lease, does this.
+    pub async fn revive(&self, victim: &AliveEntry) -> Result<(), StoreError> {
+        self.store.put(&victim.key(), Bytes::new()).await?;
+        self.store.delete(&dead_key(&victim.id)).await
+    }
+
+    pub async fn is_dead(&self, id: &IndividualId) -> Result<bool, StoreError> {
+        Ok(self.store.get(&dead_key(id)).await?.is_some())
+    }
+
+    /// Collects a dead individual's weights, unless it was marked to keep them.
+    pub async fn collect(&self, victim: &AliveEntry) -> Result<(), StoreError> {
+        if victim.kept {
+            return Ok(());
+        }
+        self.store.delete(&weights_key(&victim.id)).await
     }
 
     pub async fn dead(&self) -> Result<HashSet<IndividualId>, StoreError> {
@@ -278,7 +406,7 @@ impl Population {
                 Some(Ok(id)) => {
                     dead.insert(id);
                 }
-                _ => self.skip(&key, "not an individual id"),
+                _ => self.skip_foreign(&key, "not an individual id"),
             }
         }
         Ok(dead)
@@ -294,10 +422,10 @@ impl Population {
             match rest.split_once('/') {
                 Some((id, "individual.json")) => match IndividualId::parse(id) {
                     Ok(id) => ids.push(id),
-                    Err(_) => self.skip(&key, "not an individual id"),
+                    Err(_) => self.skip_foreign(&key, "not an individual id"),
                 },
                 Some((_, "weights.safetensors")) => {}
-                _ => self.skip(&key, "not part of an individual"),
+                _ => self.skip_foreign(&key, "not part of an individual"),
             }
         }
         Ok(ids)
@@ -345,9 +473,16 @@ impl Population {
                 StopMarker {
                     reason: format!("stop marker present (unreadable: {e})"),
                     at_ms: 0,
+                    nonce: String::new(),
                 }
             }))),
         }
+    }
+
+    /// Removes the stop marker, when the stop conditions were raised past what stopped the
+    /// experiment and it is resumed.
+    pub async fn clear_stop(&self) -> Result<(), StoreError> {
+        self.store.delete(STOP).await
     }
 
     /// Asks every worker to stop; `true` if this call set the marker.
@@ -355,6 +490,7 @@ impl Population {
         let marker = StopMarker {
             reason: reason.to_string(),
             at_ms: now_ms(),
+            nonce: nonce(),
         };
         self.store
             .put_new(
@@ -394,7 +530,7 @@ impl Population {
                         *slot = entry;
                     }
                 }
-                None => self.skip(&key, "not a progress key"),
+                None => self.skip_foreign(&key, "not a progress key"),
             }
         }
         Ok(latest.into_values().collect())
@@ -421,6 +557,22 @@ impl Population {
         self.store
             .put(&evaluation_key(&result.id), Bytes::from(body))
             .await
+    }
+
+    /// Marks `result` as the one the experiment reports: the best readable individual's, which
+    /// is the best by validation unless that one's weights are unreadable.
+    pub async fn record_reported(&self, result: &TestResult) -> Result<(), StoreError> {
+        let body = serde_json::to_vec_pretty(result).expect("serialisable");
+        self.store.put(REPORTED, Bytes::from(body)).await
+    }
+
+    pub async fn reported_test_result(&self) -> Result<Option<TestResult>, StoreError> {
+        match self.store.get(REPORTED).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(REPORTED, e)),
+        }
     }
 
     pub async fn test_result(&self, id: &IndividualId) -> Result<Option<TestResult>, StoreError> {

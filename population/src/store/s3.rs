@@ -87,6 +87,14 @@ impl S3Store {
                     .with_max_attempts(6)
                     .with_initial_backoff(Duration::from_millis(50)),
             )
+            // A server that accepts a request and never answers must not hang its caller.
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(60))
+                    .operation_timeout(Duration::from_secs(300))
+                    .build(),
+            )
             // Checksums only where S3 requires them: S3-compatible servers vary in support.
             .request_checksum_calculation(
                 aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
@@ -239,7 +247,12 @@ impl ObjectStore for S3Store {
                 Err(err)
                     if status(&err) == Some(412) || err.code() == Some("PreconditionFailed") =>
                 {
-                    return Ok(false)
+                    // The SDK retries a request whose response was lost; the retry of a write
+                    // that was made is refused. Our body, found whole, means we won.
+                    return Ok(self
+                        .get(key)
+                        .await?
+                        .is_some_and(|existing| existing == body));
                 }
                 Err(err)
                     if (status(&err) == Some(409)

@@ -45,7 +45,14 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let device = args.device.open("auto")?;
     let gathered = report::gather(&population).await?;
-    let result = report::evaluate_best(&population, &gathered, &data, &device).await?;
+    let best = report::best_readable(&population, &gathered).await?;
+    for (id, why) in &best.skipped {
+        eprintln!("skipped {id}, better by validation: {why}");
+    }
+    let result = report::evaluate_best(&population, &gathered, &best, &data, &device).await?;
+    // Only the experiment's final evaluation says which result the experiment reports; a
+    // report run midway measures without deciding.
+    population.record_reported(&result).await?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

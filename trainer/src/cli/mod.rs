@@ -85,11 +85,6 @@ pub async fn training_data(
     Ok((dir, split))
 }
 
-/// Four hex digits that keep the names of workers started under one name apart.
-pub fn random_suffix() -> String {
-    format!("{:04x}", rand::random::<u16>())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,9 +55,16 @@ pub async fn write_report(population: &Population, target: ReportTarget) -> Resu
         println!("{} holds no trained individual yet", population.url());
         return Ok(());
     }
-    let test = match &target.data {
-        Some(dir) => {
-            match report::evaluate_best(population, &gathered, dir, &target.device).await {
+    let best = match report::best_readable(population, &gathered).await {
+        Ok(best) => Some(best),
+        Err(e) => {
+            eprintln!("no individual can be exported: {e}");
+            None
+        }
+    };
+    let test = match (&target.data, &best) {
+        (Some(dir), Some(best)) => {
+            match report::evaluate_best(population, &gathered, best, dir, &target.device).await {
                 Ok(result) => Some(result),
                 Err(e) => {
                     eprintln!("test accuracy not measured: {e}");
@@ -65,22 +72,20 @@ pub async fn write_report(population: &Population, target: ReportTarget) -> Resu
                 }
             }
         }
-        None => None,
+        _ => None,
     };
-    print!("{}", report::summary_text(&gathered, test.as_ref()));
+    print!(
+        "{}",
+        report::summary_text(&gathered, best.as_ref(), test.as_ref())
+    );
     std::fs::create_dir_all(&target.out)?;
     let plot = target.out.join("progress.svg");
     report::plot(&gathered, &plot)?;
-    match report::export_best(
-        population,
-        &gathered,
-        test.as_ref(),
-        &target.out.join("best"),
-    )
-    .await
-    {
-        Ok(dir) => println!("exported     {}", dir.display()),
-        Err(e) => eprintln!("best individual not exported: {e}"),
+    if let Some(best) = &best {
+        match report::export_best(best, test.as_ref(), &target.out.join("best")).await {
+            Ok(dir) => println!("exported     {}", dir.display()),
+            Err(e) => eprintln!("best individual not exported: {e}"),
+        }
     }
     println!("plot         {}", plot.display());
     Ok(())

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use population::seed::worker_seed;
-use population::stop::{spawn_watch, StopFlag};
-use population::store::{self, Population};
+use population::stop::{conditions_met, spawn_watch, stop_reason, StopFlag};
+use population::store::{self, Population, Resilient, RetryPolicy, StopMarker};
 use trainer::child::CandleTrainer;
 use trainer::worker::{self, WorkerSettings};
 
@@ -56,10 +56,45 @@ pub async fn run(args: Args) -> Result<()> {
         .open(spec.worker.device.as_deref().unwrap_or("auto"))?;
 
     let (data_dir, split) = super::training_data(&spec, args.data.data).await?;
-    let population = Population::new(store::open(&spec.store).await?);
+    let population = Population::new(Arc::new(Resilient::new(
+        store::open(&spec.store).await?,
+        RetryPolicy::forever(),
+    )));
     let record = population.start_experiment(&name, &spec).await?;
+    // The manifest's stop conditions are the experiment's from now on: raising one is how a
+    // stopped experiment goes on.
+    population.update_stop(&spec.stop).await?;
     if let Some(marker) = population.stop_marker().await? {
-        println!("{} already stopped: {}", population.url(), marker.reason);
+        match conditions_met(&population, &spec.stop, record.created_at_ms).await? {
+            None => {
+                println!(
+                    "{} had stopped ({}); the stop conditions allow more, so it goes on",
+                    population.url(),
+                    marker.reason
+                );
+                population.clear_stop().await?;
+            }
+            Some(now) => {
+                println!(
+                    "{} already stopped: {} (and now: {now}); {}",
+                    population.url(),
+                    marker.reason,
+                    StopMarker::HOW_TO_GO_ON
+                );
+                let out = args
+                    .out
+                    .unwrap_or_else(|| PathBuf::from("cambrian-output").join(&name));
+                return write_report(
+                    &population,
+                    ReportTarget {
+                        out,
+                        data: Some(data_dir),
+                        device,
+                    },
+                )
+                .await;
+            }
+        }
     }
     println!(
         "experiment {name}: population {}, {} workers, T = {}, {} training / {} validation images, store {}",
@@ -87,7 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
         let stop = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("stopping: workers abandon their current child");
+                eprintln!("stopping: workers abandon their current child and give its place back");
                 let _ = population.request_stop("interrupted by the user").await;
                 stop.stop("interrupted by the user");
             }
@@ -99,18 +134,23 @@ pub async fn run(args: Args) -> Result<()> {
         stop.clone(),
     ));
 
-    let suffix = super::random_suffix();
+    // Stable names: a run started again takes up each worker's totals and vacancies.
     let loops = (0..spec.workers())
         .map(|index| WorkerSettings {
             // A local store is cheap to write, and the progress bar reads these totals.
             progress_interval: Duration::from_secs(2),
             ..WorkerSettings::new(
-                format!("local-{index}-{suffix}"),
+                format!("local-{index}"),
                 worker_seed(spec.seed, u64::from(index)),
             )
         })
         .collect();
     let result = worker::run_loops(loops, &population, &record, trainer, &stop).await;
+    // Loops that finished a bounded run leave it to the stop conditions to say so.
+    if let Ok(Some(reason)) = stop_reason(&population, &record).await {
+        let _ = population.request_stop(&reason).await;
+        stop.stop(&reason);
+    }
     stop.stop("workers finished");
     let _ = watcher.await;
     let _ = progress.await;

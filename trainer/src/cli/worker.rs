@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use population::seed::worker_seed;
 use population::stop::{spawn_watch, StopFlag};
-use population::store::{self, check_worker_name, Population, StoreError};
+use population::store::{self, check_worker_name, Population, Resilient, RetryPolicy, StoreError};
 use trainer::child::CandleTrainer;
 use trainer::worker::{self, WorkerSettings};
 
@@ -34,6 +34,26 @@ pub struct Args {
     /// GPU).
     #[arg(long, env = "CAMBRIAN_WORKER_LOOPS", default_value_t = 1)]
     loops: u32,
+    /// This worker's stable index among the experiment's workers (an Indexed Job's completion
+    /// index): it seeds the worker's choices, so that a run repeats. Without one, the seed
+    /// comes from the worker's name.
+    #[arg(long, env = "CAMBRIAN_WORKER_INDEX")]
+    index: Option<u64>,
+    /// How long a lease on a vacancy lasts unrenewed: a crashed worker's vacancy is refilled
+    /// about this long (plus the clock skew) later.
+    #[arg(long, env = "CAMBRIAN_LEASE_SECONDS", default_value_t = 60.0)]
+    lease_seconds: f64,
+    /// The clock difference between machines that leases tolerate.
+    #[arg(long, env = "CAMBRIAN_CLOCK_SKEW_SECONDS", default_value_t = 15.0)]
+    clock_skew_seconds: f64,
+    /// How old a child that never became alive must be before the sweeper removes it.
+    #[arg(long, env = "CAMBRIAN_SWEEP_GRACE_SECONDS", default_value_t = 3600.0)]
+    sweep_grace_seconds: f64,
+}
+
+/// A duration given in seconds; what is not a positive number of seconds counts as none.
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or_default()
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -49,15 +69,27 @@ pub async fn run(args: Args) -> Result<()> {
         .name
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "worker".into());
-    // A restarted pod keeps its name; the suffix keeps its progress apart from its
-    // predecessor's.
-    let base = format!("{}-{}", worker_name(&base), super::random_suffix());
+    // Pod names are unique (the Jobs' pods are never restarted in place), and a worker
+    // restarted under its old name by hand takes up its predecessor's totals and vacancies.
+    let base = worker_name(&base);
     check_worker_name(&base).map_err(|e| configuration(e.into()))?;
+    let index = args
+        .index
+        .or_else(|| std::env::var("JOB_COMPLETION_INDEX").ok()?.parse().ok());
     let device = args.device.open("auto").map_err(configuration)?;
     let (_, split) = super::training_data(&spec, args.data.data).await?;
-    let population = Population::new(store::open(&spec.store).await?);
+    let opened = match store::open(&spec.store).await {
+        Err(e @ (StoreError::Url { .. } | StoreError::Credentials { .. })) => {
+            return Err(configuration(e.into()))
+        }
+        other => other?,
+    };
+    // A store outage of any length pauses this worker; it never ends it.
+    let population = Population::new(Arc::new(Resilient::new(opened, RetryPolicy::forever())));
     let record = match population.start_experiment(&experiment.name, &spec).await {
-        Err(e @ StoreError::Conflict { .. }) => return Err(configuration(e.into())),
+        Err(e @ (StoreError::Conflict { .. } | StoreError::Credentials { .. })) => {
+            return Err(configuration(e.into()))
+        }
         other => other?,
     };
     let stop = Arc::new(StopFlag::default());
@@ -81,9 +113,12 @@ pub async fn run(args: Args) -> Result<()> {
         kernels: args.kernels.kernels(),
         ..CandleTrainer::for_spec(&spec.training, Arc::new(split), device, count as usize)
     });
-    let seed_base = base
-        .bytes()
-        .fold(spec.seed, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let seed_base = match index {
+        Some(index) => worker_seed(spec.seed, index),
+        None => base
+            .bytes()
+            .fold(spec.seed, |h, b| h.rotate_left(5) ^ u64::from(b)),
+    };
     let loops = (0..count)
         .map(|index| {
             let name = if count > 1 {
@@ -91,13 +126,24 @@ pub async fn run(args: Args) -> Result<()> {
             } else {
                 base.clone()
             };
-            WorkerSettings::new(name, worker_seed(seed_base, u64::from(index)))
+            WorkerSettings {
+                lease: seconds(args.lease_seconds),
+                clock_skew: seconds(args.clock_skew_seconds),
+                sweep_grace: seconds(args.sweep_grace_seconds),
+                ..WorkerSettings::new(name, worker_seed(seed_base, u64::from(index)))
+            }
         })
         .collect();
     let result = worker::run_loops(loops, &population, &record, trainer, &stop).await;
     stop.stop("worker finished");
     let _ = watcher.await;
-    for report in result? {
+    let reports = match result {
+        Err(worker::WorkerError::Store(e @ StoreError::Credentials { .. })) => {
+            return Err(configuration(e.into()))
+        }
+        other => other?,
+    };
+    for report in reports {
         tracing::info!(
             experiment = %experiment.name,
             trained = report.trained,
