@@ -133,11 +133,23 @@ pub async fn gather(population: &Population) -> Result<Gathered, ReportError> {
         .experiment()
         .await?
         .ok_or_else(|| ReportError::NoExperiment(population.url().to_string()))?;
-    let (ids, alive, summary) = tokio::try_join!(
+    let (ids, alive, dead, summary) = tokio::try_join!(
         population.recorded(),
         population.alive(),
+        population.dead(),
         population.summary()
     )?;
+    // A record of a child that is neither alive nor dead is one in training, or one its worker
+    // never got in (the sweeper removes those): not part of the experiment.
+    let lived: HashSet<String> = alive
+        .iter()
+        .map(|a| a.id.to_string())
+        .chain(dead.iter().map(|d| d.to_string()))
+        .collect();
+    let ids: Vec<_> = ids
+        .into_iter()
+        .filter(|id| lived.contains(id.as_str()))
+        .collect();
     let mut individuals = Vec::with_capacity(ids.len());
     let mut unreadable = 0;
     let mut reads = futures::stream::iter(ids.into_iter().map(|id| {

@@ -254,8 +254,18 @@ impl Worker<'_> {
         Ok(())
     }
 
+    /// Sweeps the store if no other worker has in this sweep interval.
     async fn sweep(&mut self) -> Result<(), WorkerError> {
         self.last_sweep = Some(Instant::now());
+        let interval = self.settings.sweep_interval.as_millis().max(1) as u64;
+        let name = self.settings.name.clone();
+        if !self
+            .population
+            .claim_sweep(now_ms() / interval, &name)
+            .await?
+        {
+            return Ok(());
+        }
         let swept = self
             .population
             .sweep(self.settings.sweep_grace, self.settings.clock_skew)
@@ -500,6 +510,7 @@ impl Worker<'_> {
         };
         match state {
             VacancyState::Closed => {
+                self.population.restore_if_lost(&vacancy, alive).await?;
                 for lease in &expired {
                     self.population.release(lease).await?;
                 }

@@ -381,10 +381,12 @@ impl Population {
     }
 
     /// Undoes a kill whose child was abandoned: the victim is alive again, as if it had never
-    /// lost. Only the killer, holding the vacancy's lease, does this.
+    /// lost. Only the killer, holding the vacancy's lease, does this. The tombstone goes first:
+    /// an alive key beside a tombstone would be removed by any worker that tried to kill it.
+    /// A crash between the two leaves the lease, and its adopter finishes the revival.
     pub async fn revive(&self, victim: &AliveEntry) -> Result<(), StoreError> {
-        self.store.put(&victim.key(), Bytes::new()).await?;
-        self.store.delete(&dead_key(&victim.id)).await
+        self.store.delete(&dead_key(&victim.id)).await?;
+        self.store.put(&victim.key(), Bytes::new()).await
     }
 
     pub async fn is_dead(&self, id: &IndividualId) -> Result<bool, StoreError> {

@@ -27,8 +27,8 @@ use rand::seq::IndexedRandom;
 use rand::Rng;
 
 use super::layout::{
-    dead_key, record_key, ticket_key, weights_key, AliveEntry, Lease, Vacancy, HOLES, INDIVIDUALS,
-    TICKETS,
+    dead_key, record_key, ticket_key, weights_key, AliveEntry, Lease, Vacancy, CONTROL, HOLES,
+    INDIVIDUALS, TICKETS,
 };
 use super::population::Claim;
 use super::{Population, StoreError};
@@ -101,6 +101,52 @@ pub fn adoptable(
 }
 
 impl Population {
+    /// Finishes a revival that a crash interrupted: a vacancy that never opened, whose
+    /// individual has a record but is neither alive nor dead, gets its alive key back.
+    pub async fn restore_if_lost(
+        &self,
+        vacancy: &Vacancy,
+        alive: &[AliveEntry],
+    ) -> Result<(), StoreError> {
+        let Vacancy::Replacing(id) = vacancy else {
+            return Ok(());
+        };
+        if alive.iter().any(|a| a.id == *id) || self.is_dead(id).await? {
+            return Ok(());
+        }
+        if let Ok(Some(record)) = self.individual(id).await {
+            tracing::info!(store = self.url(), id = %id, "finishing an interrupted revival");
+            self.store()
+                .put(&Self::alive_entry(&record).key(), Bytes::new())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Claims the sweep of period `epoch` (a count of sweep intervals): one worker sweeps per
+    /// period, however many there are. Claims of past periods are removed.
+    pub async fn claim_sweep(&self, epoch: u64, worker: &str) -> Result<bool, StoreError> {
+        let key = format!("{CONTROL}sweep.{epoch}");
+        if !self
+            .store()
+            .put_new(&key, Claim::new(worker).body())
+            .await?
+        {
+            return Ok(false);
+        }
+        for old in self.store().list(CONTROL).await? {
+            let past = old
+                .strip_prefix(CONTROL)
+                .and_then(|k| k.strip_prefix("sweep."))
+                .and_then(|e| e.parse::<u64>().ok())
+                .is_some_and(|e| e < epoch);
+            if past {
+                self.store().delete(&old).await?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Every lease on a vacancy, from one LIST.
     pub async fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         let mut leases = Vec::new();
@@ -263,22 +309,14 @@ impl Population {
         let alive: HashSet<&IndividualId> = alive.iter().map(|a| &a.id).collect();
         let named: HashSet<&IndividualId> = leases.iter().map(|l| &l.child).collect();
         let grace = grace.as_millis() as u64;
-        let mut orphans: HashSet<IndividualId> = HashSet::new();
-        for key in &keys {
-            let Some(id) = key
-                .strip_prefix(INDIVIDUALS)
-                .and_then(|rest| rest.split_once('/'))
-                .and_then(|(id, _)| IndividualId::parse(id).ok())
-            else {
-                continue;
-            };
-            let old = id
-                .created_ms()
-                .is_some_and(|t| t.saturating_add(grace) < now);
-            if old && !alive.contains(&id) && !dead.contains(&id) && !named.contains(&id) {
-                orphans.insert(id);
-            }
-        }
+        let orphans: HashSet<IndividualId> = with_objects(&keys)
+            .into_iter()
+            .filter(|id| {
+                id.created_ms()
+                    .is_some_and(|t| t.saturating_add(grace) < now)
+            })
+            .filter(|id| !alive.contains(id) && !dead.contains(id) && !named.contains(id))
+            .collect();
         for id in &orphans {
             tracing::info!(store = self.url(), id = %id, "removing a child that never became alive");
             self.store().delete(&record_key(id)).await?;
@@ -323,19 +361,10 @@ impl Population {
         }
         let alive: HashSet<&IndividualId> = alive.iter().map(|a| &a.id).collect();
         let named: HashSet<&IndividualId> = leases.iter().map(|l| &l.child).collect();
-        let mut orphans: HashSet<IndividualId> = HashSet::new();
-        for key in &keys {
-            if let Some(id) = key
-                .strip_prefix(INDIVIDUALS)
-                .and_then(|rest| rest.split_once('/'))
-                .and_then(|(id, _)| IndividualId::parse(id).ok())
-            {
-                if !alive.contains(&id) && !dead.contains(&id) && !named.contains(&id) {
-                    orphans.insert(id);
-                }
-            }
-        }
-        audit.orphans = orphans.into_iter().collect();
+        audit.orphans = with_objects(&keys)
+            .into_iter()
+            .filter(|id| !alive.contains(id) && !dead.contains(id) && !named.contains(id))
+            .collect();
         audit.orphans.sort();
         audit.unfilled.sort();
         Ok(audit)
@@ -349,6 +378,16 @@ impl Population {
             Some(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
         }
     }
+}
+
+/// The individuals that have objects among `keys` (a listing of `individuals/`).
+fn with_objects(keys: &[String]) -> HashSet<IndividualId> {
+    keys.iter()
+        .filter_map(|key| {
+            let (id, _) = key.strip_prefix(INDIVIDUALS)?.split_once('/')?;
+            IndividualId::parse(id).ok()
+        })
+        .collect()
 }
 
 /// One vacancy to adopt among `candidates`, at random, so that workers that look at once
