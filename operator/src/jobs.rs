@@ -1,5 +1,6 @@
-//! The Jobs an experiment runs: the long-lived workers (`parallelism` = workers, each pod runs
-//! `trainer worker` until the store's stop marker) and the one-off final evaluation.
+//! The Jobs an experiment runs: the long-lived workers (an Indexed Job, one index per worker
+//! pod, each running `trainer worker` until the store's stop marker) and the one-off final
+//! evaluation.
 
 use std::collections::BTreeMap;
 
@@ -306,7 +307,9 @@ fn job(
     mut spec: JobSpec,
     mut annotations: BTreeMap<String, String>,
 ) -> Job {
-    let template = serde_json::to_string(&spec.template).expect("a template serialises");
+    // The completion mode is immutable too: a Job of another mode must be replaced.
+    let template = serde_json::to_string(&spec.template).expect("a template serialises")
+        + spec.completion_mode.as_deref().unwrap_or("NonIndexed");
     annotations.insert(TEMPLATE_HASH.into(), format!("{:016x}", fnv(&template)));
     spec.pod_failure_policy = Some(failure_policy());
     Job {
@@ -332,9 +335,12 @@ pub struct History {
     pub failed_before: u32,
 }
 
-/// The workers: one pod per `workersPerPod` workers, no completion count (a pod exits 0 only
-/// once the experiment has stopped, and the Job is done when its pods are). Suspended with
-/// the experiment, or once it has stopped and no worker is still finishing.
+/// The workers: one pod per `workersPerPod` workers, an Indexed Job with one completion per
+/// pod (a pod exits 0 only once the experiment has stopped, and the Job is done when every
+/// index is). The completion index is each pod's stable identity: it seeds the pod's workers,
+/// so a replaced pod makes the choices its predecessor would have, and a run repeats.
+/// Parallelism and completions change together, as an elastic Indexed Job allows. Suspended
+/// with the experiment, or once it has stopped and no worker is still finishing.
 pub fn workers(
     exp: &EvolutionExperiment,
     settings: &JobSettings,
@@ -348,7 +354,8 @@ pub fn workers(
         "workers",
         JobSpec {
             parallelism: Some(parallelism),
-            completions: None,
+            completions: Some(parallelism),
+            completion_mode: Some("Indexed".into()),
             backoff_limit: Some(settings.worker_backoff_limit.max(parallelism)),
             suspend: Some(suspend),
             template: pod(exp, settings, vec!["worker".into()], "workers"),
@@ -480,7 +487,8 @@ mod tests {
         let job = workers(&exp, &JobSettings::default(), false, History::default());
         let spec = job.spec.as_ref().unwrap();
         assert_eq!(spec.parallelism, Some(250));
-        assert_eq!(spec.completions, None);
+        assert_eq!(spec.completions, Some(250));
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
         assert_eq!(
             job.metadata.owner_references.as_ref().unwrap()[0].kind,
             "EvolutionExperiment"

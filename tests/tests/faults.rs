@@ -206,11 +206,12 @@ async fn a_worker_dying_after_any_request_loses_nothing_on_s3() {
 
 /// A store that fails, hangs or loses responses for a while pauses the worker, which then
 /// finishes exactly the trainings it was given.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outages_pause_a_worker_and_it_resumes() {
-    for kind in [Outage::Fail, Outage::Stall, Outage::LoseResponses] {
-        let dir = tempfile::tempdir().unwrap();
-        let file = as_dyn(Arc::new(FileStore::open(dir.path()).await.unwrap()));
+async fn outages(backend: impl AsyncFn(usize) -> Arc<dyn ObjectStore>, label: &str) {
+    for (n, kind) in [Outage::Fail, Outage::Stall, Outage::LoseResponses]
+        .into_iter()
+        .enumerate()
+    {
+        let file = backend(n).await;
         let flaky = Arc::new(Flaky::new(file.clone(), kind));
         let policy = RetryPolicy {
             attempt_timeout: Duration::from_millis(300),
@@ -239,8 +240,36 @@ async fn outages_pause_a_worker_and_it_resumes() {
         assert_healthy(&plain, &format!("{kind:?}")).await;
         assert_eq!(plain.summary().await.unwrap().trained, 16, "{kind:?}");
         assert_eq!(report.trained, 16, "{kind:?}");
-        eprintln!("{kind:?}: {failed} requests failed during the outage; 16 of 16 trained");
+        eprintln!(
+            "{label}, {kind:?}: {failed} requests failed during the outage; 16 of 16 trained"
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_pause_a_worker_and_it_resumes_on_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    outages(
+        async |n| {
+            as_dyn(Arc::new(
+                FileStore::open(&root.join(n.to_string())).await.unwrap(),
+            ))
+        },
+        "file store",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_pause_a_worker_and_it_resumes_on_s3() {
+    let server = S3Server::start().await;
+    let endpoint = server.endpoint.clone();
+    outages(
+        async |n| as_dyn(s3_store(&endpoint, "outage", &format!("run{n}")).await),
+        "s3",
+    )
+    .await;
 }
 
 /// Fails every third child, as a model too large for its device would.

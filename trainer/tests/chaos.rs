@@ -4,7 +4,9 @@
 //! once, no zombies, no vacancies left, nothing half-made among the alive, at most one lost
 //! child per kill (and the sweeper removes it), and the report reads it.
 //!
-//! `CAMBRIAN_CHAOS_SECONDS` sets how long the killing goes on (default 20).
+//! `CAMBRIAN_CHAOS_SECONDS` sets how long the killing goes on (default 20), and
+//! `CAMBRIAN_CHAOS_INTERVAL_MS` the longest wait between two kills (default 800; the waits are
+//! uniform below it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -113,10 +115,14 @@ async fn sigkill_at_random_moments_loses_nothing() {
         assert!(Instant::now() < deadline, "the workers made no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let interval: u64 = std::env::var("CAMBRIAN_CHAOS_INTERVAL_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(800);
     let (mut kills, mut renamed) = (0usize, 0usize);
     let end = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 800)).await;
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % interval)).await;
         let i = rand::random::<u32>() as usize % WORKERS;
         workers[i].kill().unwrap();
         workers[i].wait().unwrap();
