@@ -62,15 +62,18 @@ fn fnv(text: &str) -> u64 {
 }
 
 /// A name `<experiment>-<suffix>` that fits where the Job controller puts it: the Job's
-/// `job-name` label on its pods (63 characters) with room for the pods' own suffix. Long
-/// names are cut and a hash keeps them apart; the cut never leaves a `.` or `-` next to the
-/// hash, which DNS names forbid.
+/// `job-name` label on its pods (63 characters) with room for the pods' own suffix, and an
+/// Indexed Job's pod host names (`<job>-<index>`), which are DNS labels: no dots. Long names
+/// are cut, dots become '-', and then a hash of the experiment's name keeps apart the names
+/// that would meet (`a.b` and `a-b`); the cut never leaves a `-` next to the hash, which DNS
+/// names forbid.
 pub fn job_name(experiment: &str, suffix: &str) -> String {
     let full = format!("{experiment}-{suffix}");
-    if full.len() <= 52 {
+    if full.len() <= 52 && !experiment.contains('.') {
         return full;
     }
-    let prefix = experiment[..30].trim_end_matches(['.', '-']);
+    let label = experiment.replace('.', "-");
+    let prefix = label[..label.len().min(30)].trim_end_matches('-');
     format!("{prefix}-{:06x}-{suffix}", fnv(experiment) & 0xff_ffff)
 }
 
@@ -559,6 +562,14 @@ mod tests {
         assert_eq!(label_value("short.name"), "short.name");
         let job = job_name(&format!("{}.{}", "a".repeat(29), "b".repeat(40)), "workers");
         assert!(!job.contains(".-"), "{job}");
+        // Pod host names of an Indexed Job are DNS labels: no dots, and `a.b` and `a-b` apart.
+        let dotted = job_name("tiny.run-1", "workers");
+        assert!(
+            !dotted.contains('.') && dotted.starts_with("tiny-run-1-"),
+            "{dotted}"
+        );
+        assert_ne!(dotted, job_name("tiny-run-1", "workers"));
+        assert_eq!(job_name("plain", "workers"), "plain-workers");
     }
 
     #[test]

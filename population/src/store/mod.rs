@@ -87,6 +87,29 @@ pub trait ObjectStore: Send + Sync + Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 }
 
+/// A shared store is a store, so that wrappers such as [`Resilient`] can hold either.
+#[async_trait]
+impl ObjectStore for Arc<dyn ObjectStore> {
+    fn url(&self) -> &str {
+        (**self).url()
+    }
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        (**self).get(key).await
+    }
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        (**self).put(key, body).await
+    }
+    async fn put_new(&self, key: &str, body: Bytes) -> Result<bool, StoreError> {
+        (**self).put_new(key, body).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        (**self).delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        (**self).list(prefix).await
+    }
+}
+
 /// Opens the store a spec names, with S3 credentials from the usual chain (environment,
 /// profile, web identity, instance metadata).
 pub async fn open(store: &crds::StoreSpec) -> Result<Arc<dyn ObjectStore>, StoreError> {

@@ -193,25 +193,3 @@ impl<S: ObjectStore> ObjectStore for Resilient<S> {
         self.retry("list", prefix, || self.inner.list(prefix)).await
     }
 }
-
-#[async_trait]
-impl ObjectStore for std::sync::Arc<dyn ObjectStore> {
-    fn url(&self) -> &str {
-        (**self).url()
-    }
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        (**self).get(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        (**self).put(key, body).await
-    }
-    async fn put_new(&self, key: &str, body: Bytes) -> Result<bool, StoreError> {
-        (**self).put_new(key, body).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        (**self).delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        (**self).list(prefix).await
-    }
-}
