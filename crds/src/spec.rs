@@ -122,6 +122,12 @@ pub struct TrainingSpec {
     /// 10-bit mantissa in the products. Off by default; each individual records whether it
     /// trained with it.
     pub tf32: bool,
+    /// The most trainable parameters a child may have. A larger one is not trained: it goes
+    /// into the population as a failed individual (fitness 0) and loses its next tournament.
+    /// Unset: only the memory the device has free limits a child (checked on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_parameters: Option<u64>,
 }
 
 impl Default for TrainingSpec {
@@ -133,6 +139,7 @@ impl Default for TrainingSpec {
             weight_decay: 1e-4,
             initial_learning_rate: 0.1,
             tf32: false,
+            max_parameters: None,
         }
     }
 }

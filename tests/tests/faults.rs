@@ -328,6 +328,45 @@ async fn children_that_cannot_be_trained_go_in_as_failures_and_the_worker_goes_o
     assert!(alive_failures <= 2, "{alive_failures} failures alive");
 }
 
+/// A child over `spec.training.maxParameters` is not trained: it goes in as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_over_the_parameter_limit_are_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = as_dyn(Arc::new(FileStore::open(dir.path()).await.unwrap()));
+    let mut spec = spec(store.url(), 24).into_inner();
+    // The initial linear model's count: any child that grows is over it.
+    spec.training.max_parameters = Some(fixtures::LINEAR_PARAMETERS as u64);
+    let spec = crds::validate(&spec).unwrap();
+    let population = Population::new(store);
+    let record = population.start_experiment("limit", &spec).await.unwrap();
+    let report = run_worker(
+        &population,
+        &record,
+        trainer(tiny_split(), &spec),
+        settings("limited", 5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.trained, 24);
+    let g = report::gather(&population).await.unwrap();
+    let over = g
+        .individuals
+        .iter()
+        .filter(|i| i.outcome.failure.is_some())
+        .inspect(|i| {
+            let why = i.outcome.failure.as_deref().unwrap();
+            assert!(why.contains("maxParameters"), "{why}");
+        })
+        .count();
+    assert!(over > 0, "no child grew in 20 reproductions");
+    assert!(g
+        .individuals
+        .iter()
+        .filter(|i| i.outcome.failure.is_none())
+        .all(|i| i.outcome.parameters <= fixtures::LINEAR_PARAMETERS));
+    assert_healthy(&population, "limit").await;
+}
+
 /// Runs one worker with `seed` to `trained` individuals in a fresh store; returns its lineage:
 /// each individual in order of birth, with its parent by birth number.
 async fn lineage(seed: u64, trained: u64) -> Vec<(String, Option<usize>, String, u64)> {

@@ -39,6 +39,10 @@ pub enum ChildError {
         parameters: u64,
         device: String,
     },
+    #[error(
+        "the model has {parameters} parameters, more than spec.training.maxParameters ({limit})"
+    )]
+    TooManyParameters { parameters: u64, limit: u64 },
     #[error("the training diverged: the loss is not finite")]
     Diverged,
 }
@@ -79,6 +83,8 @@ pub struct CandleTrainer {
     pub kernels: Kernels,
     /// Bytes a child may use; `None`: what the device has free when the child starts.
     pub memory_limit: Option<u64>,
+    /// `spec.training.maxParameters`.
+    pub max_parameters: Option<u64>,
 }
 
 impl ChildTrainer for CandleTrainer {
@@ -174,6 +180,12 @@ impl CandleTrainer {
     /// better one failed individual than a worker killed by the kernel or the driver.
     fn check_memory(&self, dna: &Dna, spec: ModelSpec) -> Result<(), ChildError> {
         let memory = Memory::of(dna, spec);
+        if let Some(limit) = self.max_parameters.filter(|l| memory.parameters > *l) {
+            return Err(ChildError::TooManyParameters {
+                parameters: memory.parameters,
+                limit,
+            });
+        }
         let needed = memory.training_bytes(self.config.batch_size);
         let Some(available) = self
             .memory_limit
@@ -208,6 +220,7 @@ impl CandleTrainer {
             cpu_threads: threads::cpu_share(loops),
             kernels: Kernels::default(),
             memory_limit: None,
+            max_parameters: spec.max_parameters,
         }
     }
 }
