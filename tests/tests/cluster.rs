@@ -128,21 +128,17 @@ fn modified(path: &Path) -> Option<std::time::SystemTime> {
 
 /// The newest modification time of the files under `dir`.
 fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = modified(dir);
+    let mut latest = modified(dir);
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
         let time = if path.is_dir() {
-            newest_in(&path)
+            newest(&path)
         } else {
             modified(&path)
         };
-        newest = newest.max(time);
+        latest = latest.max(time);
     }
-    newest
-}
-
-fn newest_in(dir: &Path) -> Option<std::time::SystemTime> {
-    newest(dir)
+    latest
 }
 
 fn kubectl_command(cp: &ControlPlane) -> Command {
@@ -153,7 +149,7 @@ fn kubectl_command(cp: &ControlPlane) -> Command {
 
 /// Runs kubectl; its output, or its error output when it fails.
 fn kubectl_run(args: &[&str]) -> Result<String, String> {
-    let out = kubectl_command(cluster_control_plane())
+    let out = kubectl_command(ControlPlane::shared())
         .args(args)
         .output()
         .expect("kubectl");
@@ -164,10 +160,6 @@ fn kubectl_run(args: &[&str]) -> Result<String, String> {
     } else {
         Err(format!("{stdout}{stderr}"))
     }
-}
-
-fn cluster_control_plane() -> &'static ControlPlane {
-    ControlPlane::shared()
 }
 
 /// `helm template` of the chart, applied with `kubectl apply --server-side`, CRD included.
