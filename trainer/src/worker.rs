@@ -27,7 +27,7 @@ use population::mutation::{mutate, AppliedMutation};
 use population::seed::{self, Stream};
 use population::stop::StopFlag;
 use population::store::{
-    adoptable, check_worker_name, pick, AliveEntry, ExperimentRecord, InvalidWorkerName, Lease,
+    adoptable, check_worker_name, AliveEntry, ExperimentRecord, InvalidWorkerName, Lease,
     Population, ProgressEntry, StoreError, Vacancy, VacancyState,
 };
 
@@ -202,11 +202,10 @@ impl Worker<'_> {
                 .iter()
                 .map(|a| a.fitness)
                 .fold(self.best_seen, f64::max);
-            let step = if let Some((vacancy, expired)) = pick(
-                &adoptable(&leases, self.name(), now_ms(), self.settings.clock_skew),
-                &mut self.rng,
-            )
-            .cloned()
+            let step = if let Some((vacancy, expired)) =
+                adoptable(&leases, self.name(), now_ms(), self.settings.clock_skew)
+                    .choose(&mut self.rng)
+                    .cloned()
             {
                 self.adopt(vacancy, expired, &alive).await?
             } else if !self.slots_full {

@@ -19,7 +19,7 @@ pub use population::{
 };
 pub use resilient::{Resilient, RetryPolicy};
 pub use s3::{S3Settings, S3Store};
-pub use vacancies::{adoptable, pick, Audit, Sweep, VacancyState, CLOCK_SKEW};
+pub use vacancies::{adoptable, Audit, Sweep, VacancyState, CLOCK_SKEW};
 
 use std::fmt::Debug;
 use std::sync::Arc;

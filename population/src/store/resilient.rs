@@ -73,10 +73,6 @@ impl<S: ObjectStore> Resilient<S> {
         }
     }
 
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
     async fn retry<T, F, Fut>(
         &self,
         operation: &'static str,

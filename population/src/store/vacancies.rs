@@ -27,8 +27,8 @@ use rand::seq::IndexedRandom;
 use rand::Rng;
 
 use super::layout::{
-    dead_key, record_key, ticket_key, weights_key, AliveEntry, Lease, Vacancy, CONTROL, HOLES,
-    INDIVIDUALS, TICKETS,
+    record_key, ticket_key, weights_key, AliveEntry, Lease, Vacancy, CONTROL, HOLES, INDIVIDUALS,
+    TICKETS,
 };
 use super::population::Claim;
 use super::{Population, StoreError};
@@ -262,10 +262,10 @@ impl Population {
                 .iter()
                 .filter_map(|k| k.strip_prefix(TICKETS)?.parse().ok())
                 .collect();
-            let free: Vec<u64> = (0..limit).filter(|t| !taken.contains(t)).collect();
-            // The lowest few: a single worker takes them in order, and many workers rarely
-            // reach for the same one.
-            let Some(&ticket) = free[..free.len().min(8)].choose(rng) else {
+            // The lowest few free: a single worker takes them in order, and many workers
+            // rarely reach for the same one.
+            let free: Vec<u64> = (0..limit).filter(|t| !taken.contains(t)).take(8).collect();
+            let Some(&ticket) = free.choose(rng) else {
                 return Ok(None);
             };
             if self
@@ -369,15 +369,6 @@ impl Population {
         audit.unfilled.sort();
         Ok(audit)
     }
-
-    /// The tombstone of `id`, for tests that check who killed whom.
-    pub async fn tombstone(&self, id: &IndividualId) -> Result<Option<Claim>, StoreError> {
-        let key = dead_key(id);
-        match self.store().get(&key).await? {
-            None => Ok(None),
-            Some(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-        }
-    }
 }
 
 /// The individuals that have objects among `keys` (a listing of `individuals/`).
@@ -388,15 +379,6 @@ fn with_objects(keys: &[String]) -> HashSet<IndividualId> {
             IndividualId::parse(id).ok()
         })
         .collect()
-}
-
-/// One vacancy to adopt among `candidates`, at random, so that workers that look at once
-/// rarely pick the same.
-pub fn pick<'a>(
-    candidates: &'a [(Vacancy, Vec<Lease>)],
-    rng: &mut impl Rng,
-) -> Option<&'a (Vacancy, Vec<Lease>)> {
-    candidates.choose(rng)
 }
 
 #[cfg(test)]
