@@ -617,7 +617,7 @@ pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action>
     let name = exp.name_any();
     let population = population(exp, ctx, &namespace).await;
     if let Ok(population) = &population {
-        if let Err(e) = population.request_stop("the experiment was deleted").await {
+        if let Err(e) = stop_workers(exp, population).await {
             tracing::warn!(experiment = %name, error = %e, "cannot write the stop marker");
         }
     }
@@ -688,6 +688,24 @@ pub async fn cleanup(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action>
         cache.remove(&exp.uid().unwrap_or_else(|| exp.name_any()));
     }
     Ok(Action::await_change())
+}
+
+/// Writes the stop marker, but only into a store that holds an experiment and no other
+/// experiment owns: a cleanup that runs again after the store was emptied (its finalizer
+/// patch lost a race) must not leave a marker behind, and another experiment's store is
+/// not ours to stop.
+async fn stop_workers(exp: &EvolutionExperiment, population: &Population) -> Result<()> {
+    let ours = owner_of(exp);
+    let foreign = population
+        .owner()
+        .await?
+        .is_some_and(|owner| owner.uid != ours.uid);
+    if !foreign && population.experiment().await?.is_some() {
+        population
+            .request_stop("the experiment was deleted")
+            .await?;
+    }
+    Ok(())
 }
 
 /// Deletes the store's objects if this experiment owns them; returns what it did.

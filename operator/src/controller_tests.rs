@@ -507,6 +507,22 @@ async fn deletion_with_delete_stops_workers_and_empties_the_store() {
         );
     }
     assert!(store.get("experiment.json").await.unwrap().is_none());
+    // 3. A cleanup that runs again (its finalizer patch lost a race) writes nothing.
+    run(
+        &exp,
+        vec![
+            missing_job(&workers),
+            missing_job(&evaluation),
+            no_pods(),
+            event(),
+            patch_object(&exp),
+        ],
+    )
+    .await;
+    for prefix in ["control/", "alive/", "individuals/"] {
+        let left = store.list(prefix).await.unwrap();
+        assert!(left.is_empty(), "objects written after emptying: {left:?}");
+    }
 }
 
 #[tokio::test]
@@ -537,6 +553,10 @@ async fn deletion_leaves_a_store_another_experiment_owns() {
         .unwrap()
         .contains("nothing deleted"));
     assert_eq!(w.population.alive().await.unwrap().len(), 1);
+    assert!(
+        w.population.stop_marker().await.unwrap().is_none(),
+        "another experiment's workers were told to stop"
+    );
 }
 
 #[tokio::test]
