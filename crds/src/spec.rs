@@ -36,7 +36,6 @@ use crate::status::EvolutionExperimentStatus;
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.workers) || self.workers <= self.population", "message": "spec.workers must be at most spec.population"},
     {"rule": "self.population == oldSelf.population", "message": "spec.population cannot change: the store holds this experiment's population; start a new experiment with another store URL"},
-    {"rule": "self.mutationRate == oldSelf.mutationRate", "message": "spec.mutationRate cannot change while the experiment exists; start a new experiment with another store URL"},
     {"rule": "self.seed == oldSelf.seed", "message": "spec.seed cannot change while the experiment exists; start a new experiment with another store URL"},
     {"rule": "has(self.training) == has(oldSelf.training) && (!has(self.training) || self.training == oldSelf.training)", "message": "spec.training cannot change while the experiment exists; start a new experiment with another store URL"},
     {"rule": "has(self.data) == has(oldSelf.data) && (!has(self.data) || self.data == oldSelf.data)", "message": "spec.data cannot change while the experiment exists; start a new experiment with another store URL"},
@@ -52,10 +51,21 @@ pub struct EvolutionExperimentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub workers: Option<u32>,
-    /// Mutations applied to each child (§5 raises it to 5 to escape local optima).
+    /// Mutations applied to each child (§5 raises it to 5 to escape local optima). It may be
+    /// edited while the experiment runs: the change is recorded in the store as an
+    /// intervention and every child born after it uses the new rate.
     #[serde(default = "default_mutation_rate")]
     #[schemars(range(min = 1))]
     pub mutation_rate: u32,
+    /// Changes of the mutation rate at given points of the run (§5's bursts), e.g.
+    /// `[{after: 20m, rate: 5}, {after: 40m, rate: 1}]`. May be edited while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mutation_schedule: Vec<ScheduledRate>,
+    /// Population-wide weight resets (§5) at given points of the run: every alive individual
+    /// retrains its own DNA from fresh weights before tournaments compare it again. May be
+    /// edited while it runs; an entry whose point has passed resets once, when it is added.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weight_resets: Vec<When>,
     /// Seed of every random choice; a run with the same seed and one worker repeats exactly.
     #[serde(default)]
     pub seed: u64,
@@ -94,9 +104,87 @@ impl EvolutionExperimentSpec {
         self.worker.workers_per_pod.unwrap_or(1).max(1)
     }
 
+    /// This spec with the parts a running experiment may change (stop conditions, mutation
+    /// rate and schedule, weight resets) taken from `edited`.
+    pub fn with_edits_of(&self, edited: &EvolutionExperimentSpec) -> EvolutionExperimentSpec {
+        EvolutionExperimentSpec {
+            stop: edited.stop.clone(),
+            mutation_rate: edited.mutation_rate,
+            mutation_schedule: edited.mutation_schedule.clone(),
+            weight_resets: edited.weight_resets.clone(),
+            ..self.clone()
+        }
+    }
+
     /// Pods the workers Job runs: enough for every worker.
     pub fn worker_pods(&self) -> u32 {
         self.workers().div_ceil(self.workers_per_pod())
+    }
+}
+
+/// A point of a run: a wall time since the experiment started, or a number of individuals
+/// trained (as the status counts them). Exactly one is given.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.after) != has(self.trained)", "message": "give exactly one of after and trained"},
+]))]
+pub struct When {
+    /// Wall time since the experiment started, e.g. `20m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Individuals trained, the initial population included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained: Option<u64>,
+}
+
+impl When {
+    /// A name that stays the same while the entry does, whatever else in its list changes:
+    /// it keys the entry's record in the store, so an entry fires once.
+    pub fn tag(&self) -> String {
+        match (&self.after, self.trained) {
+            (Some(after), _) => format!(
+                "after-{}",
+                after.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '.'), "")
+            ),
+            (None, Some(n)) => format!("trained-{n}"),
+            (None, None) => "never".into(),
+        }
+    }
+
+    /// Whether the point has been reached `elapsed` after the start with `trained` trained.
+    pub fn reached(&self, elapsed: std::time::Duration, trained: u64) -> bool {
+        match (&self.after, self.trained) {
+            (Some(after), _) => crate::parse_duration(after).is_ok_and(|d| elapsed >= d),
+            (None, Some(n)) => trained >= n,
+            (None, None) => false,
+        }
+    }
+}
+
+/// A change of the mutation rate at a point of the run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.after) != has(self.trained)", "message": "give exactly one of after and trained"},
+]))]
+pub struct ScheduledRate {
+    /// Wall time since the experiment started, e.g. `20m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Individuals trained, the initial population included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trained: Option<u64>,
+    #[schemars(range(min = 1))]
+    pub rate: u32,
+}
+
+impl ScheduledRate {
+    pub fn when(&self) -> When {
+        When {
+            after: self.after.clone(),
+            trained: self.trained,
+        }
     }
 }
 
@@ -215,6 +303,11 @@ pub struct DataSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub validation_images: Option<u32>,
+    /// Seed of the train/validation split, apart from `spec.seed` so that repeats and
+    /// controls with other seeds are validated on the same images and compare like with
+    /// like. Part of the experiment's identity.
+    #[serde(default)]
+    pub split_seed: u64,
 }
 
 /// Where the population lives: the only state workers share (§3.1).
@@ -278,6 +371,16 @@ pub struct ControlsSpec {
     /// Children start from their parent's weights where shapes match (§3.6).
     #[serde(default = "yes")]
     pub weight_inheritance: bool,
+    /// Individuals each selection samples (S): the best of them reproduces. Under
+    /// `tournament` the worst of them dies; under `aging` the oldest of the population does.
+    /// The paper's pairwise tournament is 2.
+    #[serde(default = "two")]
+    #[schemars(range(min = 2))]
+    pub sample_size: u32,
+}
+
+fn two() -> u32 {
+    2
 }
 
 fn yes() -> bool {
@@ -289,6 +392,7 @@ impl Default for ControlsSpec {
         Self {
             selection: Selection::Tournament,
             weight_inheritance: true,
+            sample_size: 2,
         }
     }
 }
@@ -301,6 +405,10 @@ pub enum Selection {
     Tournament,
     /// Kill and reproduce random individuals: the paper's random-search control.
     None,
+    /// Aging ("regularized") evolution (Real et al., 2019): the best of a sample reproduces
+    /// and the oldest individual of the population dies, so no individual lives for ever on
+    /// a lucky evaluation.
+    Aging,
 }
 
 /// How worker pods run.

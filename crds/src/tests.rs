@@ -54,6 +54,23 @@ fn bad_fields_are_named() {
         ),
         ("  data:\n    sha256: abc\n", "spec.data.sha256"),
         ("  worker:\n    device: tpu\n", "spec.worker.device"),
+        (
+            "  mutationSchedule:\n    - {after: 10m, trained: 5, rate: 5}\n",
+            "spec.mutationSchedule[0]",
+        ),
+        (
+            "  mutationSchedule:\n    - {after: soon, rate: 5}\n",
+            "spec.mutationSchedule[0].after",
+        ),
+        (
+            "  mutationSchedule:\n    - {trained: 9, rate: 0}\n",
+            "spec.mutationSchedule[0].rate",
+        ),
+        ("  weightResets:\n    - {}\n", "spec.weightResets[0]"),
+        (
+            "  population: 4\n  controls:\n    sampleSize: 5\n",
+            "spec.controls.sampleSize",
+        ),
     ];
     for (extra, field) in cases {
         let msg = error_of(extra);
@@ -74,6 +91,26 @@ fn a_manifest_names_only_what_it_changes() {
     assert_eq!(e.spec.training.steps, 256);
     assert_eq!(e.spec.training.batch_size, 50);
     assert!(!e.spec.training.tf32);
+}
+
+#[test]
+fn schedules_and_aging_parse() {
+    let e = parse(
+        "s.yaml",
+        &format!(
+            "{MINIMAL}  mutationSchedule:\n    - {{after: 20m, rate: 5}}\n    - {{trained: 300, rate: 1}}\n  weightResets:\n    - {{after: 30m}}\n  controls:\n    selection: aging\n    sampleSize: 4\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(e.spec.mutation_schedule[0].rate, 5);
+    assert_eq!(e.spec.mutation_schedule[1].when().tag(), "trained-300");
+    assert_eq!(e.spec.weight_resets[0].tag(), "after-30m");
+    let minute = std::time::Duration::from_secs(60);
+    assert!(!e.spec.weight_resets[0].reached(29 * minute, 1000));
+    assert!(e.spec.weight_resets[0].reached(30 * minute, 0));
+    assert!(e.spec.mutation_schedule[1].when().reached(minute, 300));
+    assert_eq!(e.spec.controls.selection, Selection::Aging);
+    assert_eq!(e.spec.controls.sample_size, 4);
 }
 
 #[test]

@@ -192,6 +192,40 @@ fn check(spec: &EvolutionExperimentSpec) -> Result<(), SpecError> {
             );
         }
     }
+    let when = |field: String, when: &crate::spec::When| -> Result<(), SpecError> {
+        match (&when.after, when.trained) {
+            (Some(_), Some(_)) | (None, None) => bad(
+                &field,
+                "give exactly one of after (a wall time) and trained (a count)",
+            ),
+            (Some(after), None) => parse_duration(after)
+                .map(|_| ())
+                .or_else(|e| bad(&format!("{field}.after"), e.to_string())),
+            (None, Some(_)) => Ok(()),
+        }
+    };
+    for (i, entry) in spec.mutation_schedule.iter().enumerate() {
+        when(format!("spec.mutationSchedule[{i}]"), &entry.when())?;
+        if entry.rate == 0 {
+            return bad(
+                &format!("spec.mutationSchedule[{i}].rate"),
+                "must be at least 1",
+            );
+        }
+    }
+    for (i, entry) in spec.weight_resets.iter().enumerate() {
+        when(format!("spec.weightResets[{i}]"), entry)?;
+    }
+    let sample = spec.controls.sample_size;
+    if sample < 2 || sample > spec.population {
+        return bad(
+            "spec.controls.sampleSize",
+            format!(
+                "must be between 2 and spec.population ({}), got {sample}",
+                spec.population
+            ),
+        );
+    }
     if spec.worker.workers_per_pod == Some(0) {
         return bad("spec.worker.workersPerPod", "must be at least 1");
     }

@@ -215,10 +215,11 @@ pub async fn observe_store(experiment: &Experiment, population: &Population) -> 
     let record = population
         .start_experiment(&experiment.name, &experiment.spec)
         .await?;
-    // Stop conditions are the one part of a running experiment that may be edited: the
-    // stored record, which workers read, follows the spec.
-    if record.spec.stop != experiment.spec.stop {
-        population.update_stop(&experiment.spec.stop).await?;
+    // Stop conditions, the mutation rate and the interventions' schedules are the parts of
+    // a running experiment that may be edited: the stored record, which workers read,
+    // follows the spec.
+    if record.spec.with_edits_of(&experiment.spec) != record.spec {
+        population.update_mutable(&experiment.spec).await?;
     }
     let mut stop = population.stop_marker().await?;
     if stop.is_none() {
@@ -229,6 +230,15 @@ pub async fn observe_store(experiment: &Experiment, population: &Population) -> 
         }
     }
     let summary = population.summary().await?;
+    // Scheduled interventions are written by whoever first sees their point: the workers,
+    // and here, where the trained total is known anyway.
+    let spec = record.spec.with_edits_of(&experiment.spec);
+    if !spec.mutation_schedule.is_empty() || !spec.weight_resets.is_empty() {
+        let known = population.interventions().await?;
+        population
+            .schedule_due(&spec, record.created_at_ms, summary.trained, &known)
+            .await?;
+    }
     // The evaluation reports the best readable individual: the best by validation unless its
     // weights are unreadable, when the status follows the evaluation's choice.
     let reported = population.reported_test_result().await?;

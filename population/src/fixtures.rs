@@ -44,6 +44,9 @@ pub fn initial_lineage(worker: &str) -> Lineage {
         worker: worker.into(),
         inherited_tensors: 0,
         fresh_tensors: 2,
+        mutation_rate: 1,
+        reset_epoch: 0,
+        retrained: false,
     }
 }
 

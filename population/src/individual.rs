@@ -103,6 +103,19 @@ pub struct Lineage {
     /// Tensors taken from the parent and tensors initialised afresh.
     pub inherited_tensors: usize,
     pub fresh_tensors: usize,
+    /// The mutation rate it was born under (§5: a schedule or an intervention may change it).
+    #[serde(default = "one")]
+    pub mutation_rate: u32,
+    /// How many population-wide weight resets had happened when it was born.
+    #[serde(default)]
+    pub reset_epoch: u32,
+    /// A retraining of its parent's DNA from fresh weights after a reset, not a mutation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retrained: bool,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// What training and evaluation gave.

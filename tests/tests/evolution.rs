@@ -223,3 +223,96 @@ async fn corrupt_individual_is_skipped_and_evolution_goes_on() {
         .collect();
     assert!(!survivors.contains(&alive[0].id) && !survivors.contains(&alive[1].id));
 }
+
+/// Every record in the store, in the order their trainings started.
+async fn records_in_order(population: &Population) -> Vec<population::individual::Individual> {
+    let mut all = Vec::new();
+    for id in population.recorded().await.unwrap() {
+        all.push(population.individual(&id).await.unwrap().unwrap());
+    }
+    all.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
+    all
+}
+
+#[tokio::test]
+async fn a_schedule_changes_the_rate_at_its_point_and_the_records_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).await.unwrap());
+    let mut json = serde_json::to_value(&*spec(store.url(), 4, 14)).unwrap();
+    json["mutationSchedule"] = serde_json::json!([{ "trained": 8, "rate": 3 }]);
+    let spec = fixtures::spec(json);
+    let population = Population::new(as_dyn(store));
+    let record = population.start_experiment("schedule", &spec).await.unwrap();
+    evolve(&population, &record, trainer(tiny_split(), &spec), 1).await;
+    let records = records_in_order(&population).await;
+    assert_eq!(records.len(), 14);
+    // One worker: the first eight were born before the point, the rest after it.
+    for (i, r) in records.iter().enumerate() {
+        let rate = if i < 8 { 1 } else { 3 };
+        assert_eq!(r.lineage.mutation_rate, rate, "training {i}");
+        if r.lineage.parent.is_some() {
+            assert_eq!(r.lineage.mutations.len(), rate as usize, "training {i}");
+        }
+    }
+    let known = population.interventions().await.unwrap();
+    let keys: Vec<&String> = known.by_key.keys().collect();
+    assert_eq!(keys, ["control/interventions/schedule.rate.trained-8.3"]);
+    assert_eq!(known.mutation_rate(1), 3);
+}
+
+#[tokio::test]
+async fn a_reset_retrains_every_alive_individual_exactly_once_before_tournaments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).await.unwrap());
+    let spec = spec(store.url(), 4, 8);
+    let population = Population::new(as_dyn(store));
+    let record = population.start_experiment("reset", &spec).await.unwrap();
+    let split = tiny_split();
+    evolve(&population, &record, trainer(split.clone(), &spec), 2).await;
+    let before: HashSet<_> = population
+        .alive()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(before.len(), 4);
+    population
+        .intervene(population::store::Change::ResetWeights, "command")
+        .await
+        .unwrap();
+    let mut stop = spec.stop.clone();
+    stop.individuals_trained = Some(16);
+    population.update_stop(&stop).await.unwrap();
+    population.clear_stop().await.unwrap();
+    let record = population.experiment().await.unwrap().unwrap();
+    evolve(&population, &record, trainer(split, &spec), 2).await;
+
+    let records = records_in_order(&population).await;
+    let retrained: Vec<_> = records.iter().filter(|r| r.lineage.retrained).collect();
+    let parents: HashSet<_> = retrained
+        .iter()
+        .map(|r| r.lineage.parent.clone().unwrap())
+        .collect();
+    assert_eq!(retrained.len(), 4, "one retraining each");
+    assert_eq!(parents, before, "every individual alive at the reset");
+    for r in &retrained {
+        let parent = records
+            .iter()
+            .find(|p| Some(&p.id) == r.lineage.parent.as_ref())
+            .unwrap();
+        assert_eq!(r.dna, parent.dna, "its own DNA");
+        assert!(r.lineage.mutations.is_empty());
+        assert_eq!(r.lineage.inherited_tensors, 0, "from fresh weights");
+        assert_eq!(r.lineage.reset_epoch, 1);
+    }
+    // Every tournament after the reset compared retrained individuals only.
+    let by_id: std::collections::HashMap<_, _> = records.iter().map(|r| (&r.id, r)).collect();
+    for r in records.iter().filter(|r| r.lineage.reset_epoch == 1 && !r.lineage.retrained) {
+        let parent = by_id[r.lineage.parent.as_ref().unwrap()];
+        assert_eq!(parent.lineage.reset_epoch, 1, "a stale parent reproduced");
+    }
+    let alive = population.alive().await.unwrap();
+    assert_eq!(alive.len(), 4);
+    assert!(alive.iter().all(|a| a.epoch == 1));
+}

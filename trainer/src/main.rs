@@ -30,6 +30,9 @@ enum Command {
     Report(cli::report::Args),
     /// Measure the best individual by validation on the test set and record it in the store.
     Evaluate(cli::evaluate::Args),
+    /// Change the mutation rate or reset every individual's weights in a running experiment
+    /// (§5), or list the interventions so far.
+    Intervene(cli::intervene::Args),
     /// Train one DNA on CIFAR and report its validation accuracy, FLOPs and wall time.
     Train(cli::train::Args),
     /// Write a mutated child of a parent DNA, for inspection.
@@ -67,6 +70,7 @@ fn command() -> Result<()> {
         Command::Worker(args) => cli::block_on(cli::worker::run(args)),
         Command::Report(args) => cli::block_on(cli::report::run(args)),
         Command::Evaluate(args) => cli::block_on(cli::evaluate::run(args)),
+        Command::Intervene(args) => cli::block_on(cli::intervene::run(args)),
         Command::Train(args) => cli::train::run(args),
         Command::Mutate(args) => cli::mutate::run(args),
         Command::Bench(args) => cli::bench::run(args),

@@ -340,7 +340,7 @@ pub async fn evaluate_best(
         let split = Split::load(
             &data_dir,
             kind,
-            spec.seed,
+            spec.data.split_seed,
             spec.data.validation_images.map(|v| v as usize),
         )?;
         let normalization: Normalization = split.normalization;

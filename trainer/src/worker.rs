@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinSet;
@@ -27,8 +27,8 @@ use population::mutation::{mutate, AppliedMutation};
 use population::seed::{self, Stream};
 use population::stop::StopFlag;
 use population::store::{
-    adoptable, check_worker_name, AliveEntry, ExperimentRecord, InvalidWorkerName, Lease,
-    Population, ProgressEntry, StoreError, Vacancy, VacancyState,
+    adoptable, check_worker_name, AliveEntry, ExperimentRecord, Interventions, InvalidWorkerName,
+    Lease, Population, ProgressEntry, StoreError, Vacancy, VacancyState,
 };
 
 use crate::child::{ChildJob, ChildTrainer, TrainedChild};
@@ -142,6 +142,10 @@ struct Worker<'a> {
     slots_full: bool,
     /// The best fitness this worker has seen alive or trained: a child that beats it is kept.
     best_seen: f64,
+    /// The stored record as last read: its mutation rate and schedules may be edited.
+    current: ExperimentRecord,
+    last_record_read: Option<Instant>,
+    interventions: Interventions,
     report: WorkerReport,
 }
 
@@ -171,6 +175,9 @@ pub async fn run(
         last_idle_log: None,
         slots_full: false,
         best_seen: 0.0,
+        current: record.clone(),
+        last_record_read: None,
+        interventions: Interventions::default(),
         report: WorkerReport::default(),
     };
     let result = worker.run().await;
@@ -196,6 +203,7 @@ impl Worker<'_> {
             {
                 self.sweep().await?;
             }
+            self.follow_interventions().await?;
             let (alive, leases) =
                 tokio::try_join!(self.population.alive(), self.population.leases())?;
             self.best_seen = alive
@@ -210,6 +218,8 @@ impl Worker<'_> {
                 self.adopt(vacancy, expired, &alive).await?
             } else if !self.slots_full {
                 self.fill_a_slot(&leases).await?
+            } else if let Some(stale) = self.stale(&alive) {
+                self.retrain(&stale, &leases).await?
             } else {
                 self.reproduce(&alive, &leases).await?
             };
@@ -232,6 +242,116 @@ impl Worker<'_> {
             "worker stopped"
         );
         Ok(())
+    }
+
+    /// Reads the interventions (§5) and writes the scheduled ones whose point has come.
+    async fn follow_interventions(&mut self) -> Result<(), WorkerError> {
+        // The record's schedules may be edited; reading it every few seconds is enough.
+        if self
+            .last_record_read
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            if let Some(record) = self.population.experiment().await? {
+                self.current = record;
+            }
+            self.last_record_read = Some(Instant::now());
+        }
+        self.population
+            .refresh_interventions(&mut self.interventions)
+            .await?;
+        let spec = &self.current.spec;
+        if !Population::schedule_pending(spec, &self.interventions) {
+            return Ok(());
+        }
+        // The trained total as the status counts it, with this worker's own count up to date
+        // (its flushed key lags), so that one worker's schedule by count is exact.
+        let needs_count = spec.mutation_schedule.iter().any(|e| e.trained.is_some())
+            || spec.weight_resets.iter().any(|w| w.trained.is_some());
+        let trained = if needs_count {
+            let others: u64 = self
+                .population
+                .progress()
+                .await?
+                .iter()
+                .filter(|p| p.worker != self.settings.name)
+                .map(|p| p.trained)
+                .sum();
+            others + self.progress.trained
+        } else {
+            0
+        };
+        if self
+            .population
+            .schedule_due(
+                spec,
+                self.current.created_at_ms,
+                trained,
+                &self.interventions,
+            )
+            .await?
+        {
+            self.population
+                .refresh_interventions(&mut self.interventions)
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn mutation_rate(&self) -> u32 {
+        self.interventions
+            .mutation_rate(self.current.spec.mutation_rate)
+    }
+
+    /// An alive individual trained before the latest weight reset, if any: it is retrained
+    /// before tournaments resume, so no stale fitness competes with retrained ones.
+    fn stale(&mut self, alive: &[AliveEntry]) -> Option<AliveEntry> {
+        let epoch = self.interventions.epoch();
+        let stale: Vec<&AliveEntry> = alive.iter().filter(|a| a.epoch < epoch).collect();
+        stale.choose(&mut self.rng).map(|a| (*a).clone())
+    }
+
+    /// §5's weight reset for one individual: it is replaced by its own DNA trained from fresh
+    /// weights. The kill is create-only, so each stale individual is retrained once.
+    async fn retrain(&mut self, stale: &AliveEntry, leases: &[Lease]) -> Result<Step, WorkerError> {
+        let started = Instant::now();
+        let dna = match self.read(stale, false).await {
+            Read::Ok(record, _) => record.dna,
+            Read::Gone => {
+                self.report.conflicts += 1;
+                return Ok(Step::Continue);
+            }
+            // Its DNA is lost: the place gets an initial individual.
+            Read::Corrupt => Population::initial_dna(&self.record.spec),
+        };
+        if let Some(marker) = self.population.stop_marker().await? {
+            self.stop.stop(&marker.reason);
+            return Ok(Step::Continue);
+        }
+        let ticket = match self.ticket(leases).await? {
+            Ok(ticket) => ticket,
+            Err(step) => return Ok(step),
+        };
+        let lease = self.lease(Vacancy::Replacing(stale.id.clone()), ticket);
+        self.population.hold(&lease).await?;
+        if !self.population.kill(stale, self.name()).await? {
+            self.population.release(&lease).await?;
+            self.give_back_ticket(ticket).await?;
+            self.report.conflicts += 1;
+            return Ok(Step::Continue);
+        }
+        let seed = self.rng.random();
+        let mut lineage = self.lineage(Some(stale.id.clone()), None, Vec::new(), seed);
+        lineage.retrained = true;
+        let birth = Birth {
+            lease,
+            dna,
+            parent_weights: None,
+            lineage,
+            started,
+            undo: Undo::Revive(stale.clone()),
+        };
+        self.raise(birth).await?;
+        Ok(Step::Continue)
     }
 
     /// A worker restarted under its old name continues its running totals instead of
@@ -390,6 +510,9 @@ impl Worker<'_> {
             worker: self.settings.name.clone(),
             inherited_tensors: 0,
             fresh_tensors: 0,
+            mutation_rate: self.mutation_rate(),
+            reset_epoch: self.interventions.epoch(),
+            retrained: false,
         }
     }
 
@@ -401,7 +524,7 @@ impl Worker<'_> {
     ) -> Result<Step, WorkerError> {
         let started = Instant::now();
         let Some((mut parent, mut loser)) =
-            tournament(alive, self.record.spec.controls.selection, &mut self.rng)
+            select(alive, &self.record.spec.controls, &mut self.rng)
         else {
             self.idle(
                 leases.len(),
@@ -421,6 +544,10 @@ impl Worker<'_> {
             Read::Corrupt => {
                 // An unreadable individual cannot be a parent; it is this tournament's loser,
                 // and the other one becomes the parent.
+                if parent.id == loser.id {
+                    self.report.conflicts += 1;
+                    return Ok(Step::Continue);
+                }
                 std::mem::swap(&mut parent, &mut loser);
                 match self.read(&parent, inherit).await {
                     Read::Ok(record, weights) => (record, weights),
@@ -451,8 +578,9 @@ impl Worker<'_> {
         }
         self.report.kills += 1;
         // The vacancy is ours now. A dead individual never reproduces: if the parent died
-        // while we read it, fill the place from another.
-        if self.population.is_dead(&parent.id).await? {
+        // while we read it, fill the place from another. (Under aging the oldest may be its
+        // own sample's best: it dies by our hand, after we read it, and still reproduces.)
+        if parent.id != loser.id && self.population.is_dead(&parent.id).await? {
             let rest: Vec<AliveEntry> = alive
                 .iter()
                 .filter(|a| a.id != parent.id && a.id != loser.id)
@@ -477,7 +605,7 @@ impl Worker<'_> {
         let child_seed: u64 = self.rng.random();
         let child = mutate(
             &parent.dna,
-            self.record.spec.mutation_rate as usize,
+            self.mutation_rate() as usize,
             &mut seed::rng(child_seed, Stream::Mutation),
         );
         let parent_weights = weights.filter(|_| child.inherits_weights());
@@ -545,11 +673,7 @@ impl Worker<'_> {
                         // Its weights stay until the place is filled, so a stop can still
                         // give it the place back.
                         match self.population.individual(victim).await {
-                            Ok(Some(record)) => Undo::Revive(AliveEntry {
-                                id: record.id.clone(),
-                                fitness: record.fitness(),
-                                kept: record.kept,
-                            }),
+                            Ok(Some(record)) => Undo::Revive(Population::alive_entry(&record)),
                             _ => Undo::Leave,
                         }
                     }
@@ -573,11 +697,7 @@ impl Worker<'_> {
         let mut candidates = alive.to_vec();
         if !matches!(lease.vacancy, Vacancy::Slot(_)) {
             while !candidates.is_empty() {
-                let parent = match tournament(
-                    &candidates,
-                    self.record.spec.controls.selection,
-                    &mut self.rng,
-                ) {
+                let parent = match select(&candidates, &self.record.spec.controls, &mut self.rng) {
                     Some((parent, _)) => parent,
                     None => candidates[0].clone(),
                 };
@@ -861,26 +981,47 @@ enum Read {
     Corrupt,
 }
 
-/// §3.1's tournament: two distinct alive individuals drawn uniformly at random; the fitter is
-/// the parent and the other the loser, `(parent, loser)`. A tie, and every pair under the
-/// random-search control (`selection: none`), is decided by a fair coin. `None` with fewer than
-/// two alive.
-pub fn tournament(
+/// Selection (§3.1), as `(parent, loser)`; `None` with fewer than two alive. S individuals
+/// (`controls.sampleSize`, 2 in the paper) are drawn uniformly without replacement and the
+/// fittest reproduces. Under `tournament` the least fit of them dies; under `aging` the oldest
+/// of the whole population (the earliest id: ids begin with their creation time) dies; under
+/// the random-search control (`none`) the parent and the loser are two of them at random. Ties
+/// are decided at random.
+pub fn select(
     alive: &[AliveEntry],
-    selection: crds::Selection,
+    controls: &crds::ControlsSpec,
     rng: &mut impl Rng,
 ) -> Option<(AliveEntry, AliveEntry)> {
-    let pair: Vec<&AliveEntry> = alive.choose_multiple(rng, 2).collect();
-    let [a, b] = pair[..] else {
+    if alive.len() < 2 {
         return None;
+    }
+    let size = (controls.sample_size as usize).clamp(2, alive.len());
+    let mut sample: Vec<&AliveEntry> = alive.choose_multiple(rng, size).collect();
+    // A random order first, so that the first of equals is a fair pick.
+    sample.shuffle(rng);
+    let fittest = sample
+        .iter()
+        .copied()
+        .reduce(|best, e| if e.fitness > best.fitness { e } else { best });
+    let (parent, loser) = match controls.selection {
+        crds::Selection::None => (sample[0], sample[1]),
+        crds::Selection::Tournament => {
+            let parent = fittest?;
+            let loser = sample
+                .iter()
+                .copied()
+                .filter(|e| e.id != parent.id)
+                .reduce(|worst, e| if e.fitness < worst.fitness { e } else { worst })?;
+            (parent, loser)
+        }
+        crds::Selection::Aging => {
+            let parent = fittest?;
+            let oldest = alive.iter().min_by(|a, b| {
+                (a.id.created_ms(), a.id.to_string()).cmp(&(b.id.created_ms(), b.id.to_string()))
+            })?;
+            (parent, oldest)
+        }
     };
-    let by_fitness = selection == crds::Selection::Tournament && a.fitness != b.fitness;
-    let a_wins = if by_fitness {
-        a.fitness > b.fitness
-    } else {
-        rng.random_bool(0.5)
-    };
-    let (parent, loser) = if a_wins { (a, b) } else { (b, a) };
     Some((parent.clone(), loser.clone()))
 }
 
@@ -933,13 +1074,20 @@ mod tests {
         AliveEntry::new(IndividualId::new(), fitness)
     }
 
+    fn controls(selection: crds::Selection, sample_size: u32) -> crds::ControlsSpec {
+        crds::ControlsSpec {
+            selection,
+            sample_size,
+            ..crds::ControlsSpec::default()
+        }
+    }
+
     #[test]
     fn the_fitter_of_two_reproduces_and_the_other_dies() {
         let alive = [entry(0.2), entry(0.7)];
         let mut rng = seed::rng(3, Stream::Selection);
         for _ in 0..20 {
-            let (parent, loser) =
-                tournament(&alive, crds::Selection::Tournament, &mut rng).unwrap();
+            let (parent, loser) = select(&alive, &crds::ControlsSpec::default(), &mut rng).unwrap();
             assert_eq!((parent.fitness, loser.fitness), (0.7, 0.2));
         }
     }
@@ -952,7 +1100,12 @@ mod tests {
             ([entry(0.5), entry(0.5)], crds::Selection::Tournament),
         ] {
             let parents: Vec<IndividualId> = (0..200)
-                .map(|_| tournament(&alive, selection, &mut rng).unwrap().0.id)
+                .map(|_| {
+                    select(&alive, &controls(selection, 2), &mut rng)
+                        .unwrap()
+                        .0
+                        .id
+                })
                 .collect();
             let first = parents.iter().filter(|id| **id == alive[0].id).count();
             assert!((60..=140).contains(&first), "{selection:?}: {first} of 200");
@@ -964,12 +1117,45 @@ mod tests {
         let alive: Vec<AliveEntry> = (0..5).map(|i| entry(f64::from(i) / 10.0)).collect();
         let mut rng = seed::rng(9, Stream::Selection);
         for _ in 0..100 {
-            let (parent, loser) =
-                tournament(&alive, crds::Selection::Tournament, &mut rng).unwrap();
+            let (parent, loser) = select(&alive, &crds::ControlsSpec::default(), &mut rng).unwrap();
             assert_ne!(parent.id, loser.id);
             assert!(parent.fitness > loser.fitness);
         }
-        assert!(tournament(&alive[..1], crds::Selection::Tournament, &mut rng).is_none());
-        assert!(tournament(&[], crds::Selection::Tournament, &mut rng).is_none());
+        let pair = crds::ControlsSpec::default();
+        assert!(select(&alive[..1], &pair, &mut rng).is_none());
+        assert!(select(&[], &pair, &mut rng).is_none());
+    }
+
+    #[test]
+    fn a_larger_sample_kills_its_worst_and_copies_its_best() {
+        let alive: Vec<AliveEntry> = (0..6).map(|i| entry(f64::from(i) / 10.0)).collect();
+        let mut rng = seed::rng(4, Stream::Selection);
+        // The whole population as the sample: always the best and the worst.
+        for _ in 0..20 {
+            let (parent, loser) =
+                select(&alive, &controls(crds::Selection::Tournament, 6), &mut rng).unwrap();
+            assert_eq!((parent.fitness, loser.fitness), (0.5, 0.0));
+        }
+    }
+
+    #[test]
+    fn aging_kills_the_oldest_whatever_its_fitness() {
+        // Ids begin with their creation time: the first made is the oldest.
+        let oldest = entry(0.9);
+        std::thread::sleep(Duration::from_millis(3));
+        let mut alive = vec![oldest.clone()];
+        alive.extend((0..4).map(|i| entry(f64::from(i) / 10.0)));
+        alive.reverse();
+        let mut rng = seed::rng(5, Stream::Selection);
+        let mut parents = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let (parent, loser) =
+                select(&alive, &controls(crds::Selection::Aging, 2), &mut rng).unwrap();
+            assert_eq!(loser.id, oldest.id, "the oldest dies");
+            parents.insert(parent.id);
+        }
+        // The best of a pair of five reproduces: never the worst.
+        assert!(parents.len() > 1);
+        assert!(!parents.contains(&alive.iter().find(|a| a.fitness == 0.0).unwrap().id));
     }
 }

@@ -35,6 +35,7 @@ pub const DEAD: &str = "dead/";
 pub const PROGRESS: &str = "progress/";
 pub const CONTROL: &str = "control/";
 pub const STOP: &str = "control/stop";
+pub const INTERVENTIONS: &str = "control/interventions/";
 /// Which Kubernetes object owns the store (see [`StoreOwner`](super::StoreOwner)).
 pub const OWNER: &str = "control/owner";
 pub const EVALUATION: &str = "evaluation/";
@@ -196,6 +197,10 @@ pub struct AliveEntry {
     /// Its weights are kept after its death: when it was born it was the best individual its
     /// worker had seen, so a record of the best-so-far over time can still measure it.
     pub kept: bool,
+    /// The weight-reset epoch (§5) its weights were trained in: after a reset, an individual
+    /// of an earlier epoch is retrained before any tournament compares it again, so workers
+    /// must tell it apart from the listing alone.
+    pub epoch: u32,
 }
 
 impl AliveEntry {
@@ -204,27 +209,33 @@ impl AliveEntry {
             id,
             fitness,
             kept: false,
+            epoch: 0,
         }
     }
 
     pub fn key(&self) -> String {
         let kept = if self.kept { "@kept" } else { "" };
-        format!("{}{kept}", alive_key(&self.id, self.fitness))
+        let epoch = if self.epoch > 0 {
+            format!("@r{}", self.epoch)
+        } else {
+            String::new()
+        };
+        format!("{}{kept}{epoch}", alive_key(&self.id, self.fitness))
     }
 
     /// The entry an `alive/` key names, if it is one.
     pub fn parse(key: &str) -> Option<Self> {
-        let (id, rest) = key.strip_prefix(ALIVE)?.split_once('@')?;
-        let (fitness, kept) = match rest.split_once('@') {
-            Some((fitness, "kept")) => (fitness, true),
-            Some(_) => return None,
-            None => (rest, false),
-        };
-        Some(Self {
-            id: IndividualId::parse(id).ok()?,
-            fitness: parse_fitness(fitness)?,
-            kept,
-        })
+        let mut parts = key.strip_prefix(ALIVE)?.split('@');
+        let id = IndividualId::parse(parts.next()?).ok()?;
+        let fitness = parse_fitness(parts.next()?)?;
+        let mut entry = Self::new(id, fitness);
+        for part in parts {
+            match part {
+                "kept" if !entry.kept => entry.kept = true,
+                _ => entry.epoch = part.strip_prefix('r')?.parse().ok()?,
+            }
+        }
+        Some(entry)
     }
 }
 
@@ -310,6 +321,11 @@ mod tests {
         assert_eq!(AliveEntry::parse(&entry.key()), Some(entry.clone()));
         entry.kept = true;
         assert_eq!(entry.key(), "alive/18c-00ff@0.500000@kept");
+        assert_eq!(AliveEntry::parse(&entry.key()), Some(entry.clone()));
+        entry.epoch = 3;
+        assert_eq!(entry.key(), "alive/18c-00ff@0.500000@kept@r3");
+        assert_eq!(AliveEntry::parse(&entry.key()), Some(entry.clone()));
+        entry.kept = false;
         assert_eq!(AliveEntry::parse(&entry.key()), Some(entry));
         for foreign in [
             "alive/x",
@@ -317,6 +333,8 @@ mod tests {
             "alive/A@0.5",
             "dead/18c@0.5",
             "alive/18c@0.5@other",
+            "alive/18c@0.5@kept@kept",
+            "alive/18c@0.5@r",
         ] {
             assert_eq!(AliveEntry::parse(foreign), None, "{foreign}");
         }

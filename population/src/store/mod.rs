@@ -5,6 +5,7 @@
 
 mod counting;
 mod file;
+mod interventions;
 pub mod layout;
 mod population;
 mod resilient;
@@ -13,6 +14,7 @@ mod vacancies;
 
 pub use counting::{CountingStore, RequestCounts};
 pub use file::FileStore;
+pub use interventions::{Change, Intervention, Interventions};
 pub use layout::{check_worker_name, AliveEntry, InvalidWorkerName, Lease, ProgressEntry, Vacancy};
 pub use population::{
     Claim, ExperimentRecord, Population, StopMarker, StoreOwner, Summary, TestResult,

@@ -188,11 +188,11 @@ impl Population {
         let essence = |s: &crds::EvolutionExperimentSpec| {
             (
                 s.population,
-                s.mutation_rate,
                 s.seed,
                 s.training.clone(),
                 s.data.dataset,
                 s.data.validation_images,
+                s.data.split_seed,
                 s.controls.clone(),
             )
         };
@@ -200,7 +200,7 @@ impl Population {
             return Err(StoreError::Conflict {
                 store: self.url().to_string(),
                 message: format!(
-                    "it holds experiment {:?} with a different spec (population, training, data or controls differ); use another store URL for a new experiment",
+                    "it holds experiment {:?} with a different spec (population, seed, training, data or controls differ); use another store URL for a new experiment",
                     existing.name
                 ),
             });
@@ -303,11 +303,13 @@ impl Population {
             .await
     }
 
-    pub(super) fn alive_entry(individual: &Individual) -> AliveEntry {
+    /// The alive key an individual's record calls for.
+    pub fn alive_entry(individual: &Individual) -> AliveEntry {
         AliveEntry {
             id: individual.id.clone(),
             fitness: individual.fitness(),
             kept: individual.kept,
+            epoch: individual.lineage.reset_epoch,
         }
     }
 
@@ -453,16 +455,41 @@ impl Population {
             .map_err(|e| self.corrupt(OWNER, e))
     }
 
-    /// Replaces the recorded stop conditions with `stop`: they are the one part of a running
-    /// experiment's spec that may change. Returns whether the record changed.
+    /// Replaces the recorded stop conditions with `stop`; see [`Population::update_mutable`].
     pub async fn update_stop(&self, stop: &crds::StopSpec) -> Result<bool, StoreError> {
+        let Some(record) = self.experiment().await? else {
+            return Ok(false);
+        };
+        let mut spec = record.spec;
+        spec.stop = stop.clone();
+        self.update_mutable(&spec).await
+    }
+
+    /// Copies the parts of a running experiment's spec that may change (stop conditions,
+    /// mutation rate and schedule, weight resets) from `spec` into the record workers read.
+    /// A new mutation rate is also recorded as an intervention, so that it takes effect over
+    /// any earlier change. Returns whether the record changed.
+    pub async fn update_mutable(
+        &self,
+        spec: &crds::EvolutionExperimentSpec,
+    ) -> Result<bool, StoreError> {
         let Some(mut record) = self.experiment().await? else {
             return Ok(false);
         };
-        if record.spec.stop == *stop {
+        let before = record.spec.clone();
+        record.spec = before.with_edits_of(spec);
+        if record.spec == before {
             return Ok(false);
         }
-        record.spec.stop = stop.clone();
+        if record.spec.mutation_rate != before.mutation_rate {
+            self.intervene(
+                super::Change::MutationRate {
+                    rate: spec.mutation_rate,
+                },
+                "spec",
+            )
+            .await?;
+        }
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         self.store.put(EXPERIMENT, Bytes::from(body)).await?;
         Ok(true)

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod check_ops;
 pub mod evaluate;
 pub mod flags;
+pub mod intervene;
 pub mod memory;
 pub mod mutate;
 pub mod progress;

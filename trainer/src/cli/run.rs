@@ -63,7 +63,7 @@ pub async fn run(args: Args) -> Result<()> {
     let record = population.start_experiment(&name, &spec).await?;
     // The manifest's stop conditions are the experiment's from now on: raising one is how a
     // stopped experiment goes on.
-    population.update_stop(&spec.stop).await?;
+    population.update_mutable(&spec).await?;
     if let Some(marker) = population.stop_marker().await? {
         match conditions_met(&population, &spec.stop, record.created_at_ms).await? {
             None => {

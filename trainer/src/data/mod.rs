@@ -41,10 +41,11 @@ impl Split {
         Self::from_images(all, kind, seed, validation)
     }
 
-    /// The split an experiment evolves on: its data set, held out by its seed.
+    /// The split an experiment evolves on: its data set, held out by its split seed (not its
+    /// evolution seed: every repeat of a study validates on the same images).
     pub fn for_spec(spec: &ValidatedSpec, dir: &Path) -> Result<Self, DataError> {
         let validation = spec.data.validation_images.map(|v| v as usize);
-        Self::load(dir, spec.data.dataset, spec.seed, validation)
+        Self::load(dir, spec.data.dataset, spec.data.split_seed, validation)
     }
 
     pub fn from_images(
@@ -101,6 +102,24 @@ mod tests {
         seen.sort();
         expected.sort();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn repeats_with_different_seeds_share_one_validation_split() {
+        let dir = tempfile::tempdir().unwrap();
+        fixture::write(dir.path(), Dataset::Cifar10, 40, 0).unwrap();
+        let spec = |seed: u64, split_seed: u64| {
+            let spec: crds::EvolutionExperimentSpec = serde_json::from_value(serde_json::json!({
+                "seed": seed, "data": { "splitSeed": split_seed }, "store": { "url": "file:///x" }
+            }))
+            .unwrap();
+            crds::validate(&spec).unwrap()
+        };
+        let a = Split::for_spec(&spec(1, 0), dir.path()).unwrap();
+        let b = Split::for_spec(&spec(2, 0), dir.path()).unwrap();
+        let c = Split::for_spec(&spec(1, 5), dir.path()).unwrap();
+        assert_eq!(a.validation.pixels, b.validation.pixels);
+        assert_ne!(a.validation.pixels, c.validation.pixels);
     }
 
     #[test]
