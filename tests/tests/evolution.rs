@@ -242,7 +242,10 @@ async fn a_schedule_changes_the_rate_at_its_point_and_the_records_say_so() {
     json["mutationSchedule"] = serde_json::json!([{ "trained": 8, "rate": 3 }]);
     let spec = fixtures::spec(json);
     let population = Population::new(as_dyn(store));
-    let record = population.start_experiment("schedule", &spec).await.unwrap();
+    let record = population
+        .start_experiment("schedule", &spec)
+        .await
+        .unwrap();
     evolve(&population, &record, trainer(tiny_split(), &spec), 1).await;
     let records = records_in_order(&population).await;
     assert_eq!(records.len(), 14);
@@ -308,7 +311,10 @@ async fn a_reset_retrains_every_alive_individual_exactly_once_before_tournaments
     }
     // Every tournament after the reset compared retrained individuals only.
     let by_id: std::collections::HashMap<_, _> = records.iter().map(|r| (&r.id, r)).collect();
-    for r in records.iter().filter(|r| r.lineage.reset_epoch == 1 && !r.lineage.retrained) {
+    for r in records
+        .iter()
+        .filter(|r| r.lineage.reset_epoch == 1 && !r.lineage.retrained)
+    {
         let parent = by_id[r.lineage.parent.as_ref().unwrap()];
         assert_eq!(parent.lineage.reset_epoch, 1, "a stale parent reproduced");
     }

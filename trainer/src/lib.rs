@@ -11,6 +11,7 @@ pub mod layers;
 pub mod model;
 pub mod optim;
 pub mod report;
+pub mod study;
 pub mod threads;
 pub mod train;
 pub mod weights;

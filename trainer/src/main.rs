@@ -30,6 +30,8 @@ enum Command {
     Report(cli::report::Args),
     /// Measure the best individual by validation on the test set and record it in the store.
     Evaluate(cli::evaluate::Args),
+    /// Run a study's arms over its seeds and aggregate them: Figures 2–4 and a table (§4, §5).
+    Study(cli::study::Args),
     /// Change the mutation rate or reset every individual's weights in a running experiment
     /// (§5), or list the interventions so far.
     Intervene(cli::intervene::Args),
@@ -71,6 +73,7 @@ fn command() -> Result<()> {
         Command::Report(args) => cli::block_on(cli::report::run(args)),
         Command::Evaluate(args) => cli::block_on(cli::evaluate::run(args)),
         Command::Intervene(args) => cli::block_on(cli::intervene::run(args)),
+        Command::Study(args) => cli::block_on(cli::study::run(args)),
         Command::Train(args) => cli::train::run(args),
         Command::Mutate(args) => cli::mutate::run(args),
         Command::Bench(args) => cli::bench::run(args),

@@ -329,45 +329,11 @@ pub async fn evaluate_best(
     if let Some(result) = population.test_result(&best.id).await? {
         return Ok(result);
     }
-    let kind = g.record.spec.data.dataset;
     let spec = g.record.spec.clone();
-    let dna = best.dna.clone();
-    let id = best.id.clone();
-    let data_dir = data_dir.to_path_buf();
-    let device = device.clone();
+    let (dna, id) = (best.dna.clone(), best.id.clone());
+    let (data_dir, device) = (data_dir.to_path_buf(), device.clone());
     let result = tokio::task::spawn_blocking(move || -> Result<TestResult, ReportError> {
-        // The normalisation is the training split's, exactly as the individual was trained.
-        let split = Split::load(
-            &data_dir,
-            kind,
-            spec.data.split_seed,
-            spec.data.validation_images.map(|v| v as usize),
-        )?;
-        let normalization: Normalization = split.normalization;
-        drop(split);
-        let test = TestSet::load(&data_dir, kind)?;
-        let weights = Weights::from_safetensors(&weights, &device)?;
-        let (model, _) = Model::build(
-            &dna,
-            ModelSpec::cifar(kind.classes()),
-            Some(&weights),
-            &mut seed::rng(0, Stream::Initialisation),
-            &device,
-        )?;
-        let evaluation = train::evaluate(
-            &model,
-            test.images_for_reporting(),
-            &normalization,
-            500,
-            &device,
-        )?;
-        Ok(TestResult {
-            id,
-            test_accuracy: evaluation.accuracy,
-            correct: evaluation.correct,
-            total: evaluation.total,
-            at_ms: now_ms(),
-        })
+        TestBench::load(&spec, &data_dir, &device)?.measure(&id, &dna, &weights)
     })
     .await
     .map_err(|e| ReportError::Write {
@@ -376,6 +342,72 @@ pub async fn evaluate_best(
     })??;
     population.record_test_result(&result).await?;
     Ok(result)
+}
+
+/// The test set and the normalisation of an experiment's training split, loaded once to
+/// measure many individuals (§3.7: the test set is touched only after evolution).
+pub struct TestBench {
+    test: TestSet,
+    normalization: Normalization,
+    classes: usize,
+    device: Device,
+}
+
+impl TestBench {
+    /// Blocking: reads the training files (for the normalisation, exactly as the individuals
+    /// were trained with it) and the test file.
+    pub fn load(
+        spec: &crds::EvolutionExperimentSpec,
+        data_dir: &Path,
+        device: &Device,
+    ) -> Result<Self, ReportError> {
+        let kind = spec.data.dataset;
+        let split = Split::load(
+            data_dir,
+            kind,
+            spec.data.split_seed,
+            spec.data.validation_images.map(|v| v as usize),
+        )?;
+        let normalization = split.normalization;
+        drop(split.train);
+        Ok(Self {
+            test: TestSet::load(data_dir, kind)?,
+            normalization,
+            classes: kind.classes(),
+            device: device.clone(),
+        })
+    }
+
+    /// Blocking: the test accuracy of `dna` with `weights`.
+    pub fn measure(
+        &self,
+        id: &population::individual::IndividualId,
+        dna: &population::dna::Dna,
+        weights: &[u8],
+    ) -> Result<TestResult, ReportError> {
+        let weights = Weights::from_safetensors(weights, &self.device)?;
+        let (model, _) = Model::build(
+            dna,
+            ModelSpec::cifar(self.classes),
+            Some(&weights),
+            &mut seed::rng(0, Stream::Initialisation),
+            &self.device,
+        )?;
+        let evaluation = train::evaluate(
+            &model,
+            self.test.images_for_reporting(),
+            &self.normalization,
+            500,
+            &self.device,
+        )?;
+        Ok(TestResult {
+            id: id.clone(),
+            test_accuracy: evaluation.accuracy,
+            correct: evaluation.correct,
+            total: evaluation.total,
+            at_ms: now_ms(),
+        })
+    }
 }
 
 /// The paper's figure 1: every individual a dot at (time of birth, validation accuracy), alive

@@ -140,3 +140,82 @@ fn missing_data_says_what_to_do() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_study_of_two_arms_and_two_seeds_makes_its_table_and_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    fixture::write(&data, Dataset::Cifar10, 30, 1).unwrap();
+    std::fs::write(
+        dir.path().join("base.yaml"),
+        "apiVersion: cambrian.dev/v1alpha1\nkind: EvolutionExperiment\nmetadata:\n  name: base\nspec:\n  population: 3\n  workers: 1\n  training:\n    steps: 5\n    batchSize: 10\n    initialLearningRate: 0.02\n  store:\n    url: file:///replaced/by/the/study\n  stop:\n    individualsTrained: 7\n",
+    )
+    .unwrap();
+    let study = dir.path().join("study.yaml");
+    std::fs::write(
+        &study,
+        "name: tiny\nbase: base.yaml\nseeds: [1, 2]\narms:\n  - name: evolution\n  - name: random-search\n    set: {controls: {selection: none}}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run = |aggregate: bool| {
+        let mut cmd = trainer();
+        cmd.arg("study")
+            .arg(&study)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(["--cores", "2", "--parallel", "2"]);
+        if aggregate {
+            cmd.arg("--aggregate");
+        }
+        let output = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        stdout
+    };
+    let stdout = run(false);
+    assert!(stdout.contains("| evolution | 2 |"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(rows[1].starts_with("evolution,2,") && rows[2].starts_with("random-search,2,"));
+    for figure in [
+        "figure2-time.svg",
+        "figure2-flops.svg",
+        "figure3.svg",
+        "figure4-evolution.svg",
+        "figure4-random-search.svg",
+    ] {
+        let svg = std::fs::read_to_string(out.join(figure)).unwrap();
+        assert!(svg.contains("<svg"), "{figure}");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = results.as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for r in runs {
+        assert_eq!(r["individuals"], 7, "{r}");
+        let best = r["best_so_far"].as_array().unwrap();
+        assert!(!best.is_empty());
+        // Every best-so-far was measured on the test set, and the result recorded.
+        for b in best {
+            assert!(b["test"].is_f64(), "{b}");
+            let store = out.join(format!(
+                "runs/{}/seed-{}/store/evaluation",
+                r["arm"].as_str().unwrap(),
+                r["seed"]
+            ));
+            let recorded = std::fs::read_dir(&store).unwrap().count();
+            assert!(recorded >= best.len(), "{}", store.display());
+        }
+    }
+    // Repeats share the validation split: each run's records name the same validation size,
+    // and aggregating again reads the recorded results and agrees.
+    let again = run(true);
+    assert!(again.contains("| evolution | 2 |"), "{again}");
+    let after = std::fs::read_to_string(out.join("table.csv")).unwrap();
+    assert_eq!(after, csv, "the same measurements twice");
+}

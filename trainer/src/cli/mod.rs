@@ -11,6 +11,7 @@ pub mod mutate;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod study;
 pub mod train;
 pub mod worker;
 
