@@ -108,16 +108,25 @@ fn labels(exp: &EvolutionExperiment, component: &str) -> BTreeMap<String, String
 }
 
 /// The part of the spec a trainer needs and that never changes while the experiment runs.
-/// What may change (workers, suspension, stop conditions, how pods run) stays out, so that
-/// editing it leaves the pod template, which a Job cannot change, as it was.
+/// What may change (workers, suspension, stop conditions, the mutation rate and the
+/// interventions' schedules, how pods run) stays out, so that editing it leaves the pod
+/// template, which a Job cannot change, as it was: workers read those from the store's
+/// record, which the operator writes before any Job exists and keeps following the spec.
 pub fn trainer_spec(spec: &crds::EvolutionExperimentSpec) -> crds::EvolutionExperimentSpec {
-    crds::EvolutionExperimentSpec {
+    let unchanging = crds::EvolutionExperimentSpec {
         workers: None,
         suspend: false,
-        stop: crds::StopSpec::default(),
         worker: crds::WorkerSpec::default(),
         ..spec.clone()
-    }
+    };
+    let defaults = crds::EvolutionExperimentSpec {
+        stop: crds::StopSpec::default(),
+        mutation_rate: 1,
+        mutation_schedule: Vec::new(),
+        weight_resets: Vec::new(),
+        ..spec.clone()
+    };
+    unchanging.with_edits_of(&defaults)
 }
 
 /// The environment every trainer pod gets: the experiment itself (its unchanging spec, never
@@ -541,10 +550,15 @@ mod tests {
         edited.spec.workers = Some(7);
         edited.spec.suspend = true;
         edited.spec.stop.individuals_trained = Some(5);
+        edited.spec.mutation_rate = 5;
+        edited.spec.weight_resets = vec![crds::When {
+            after: Some("1h".into()),
+            trained: None,
+        }];
         assert_eq!(
             hash(&edited),
             before,
-            "workers, suspend and stop are not in the template"
+            "workers, suspend, stop and interventions are not in the template"
         );
         edited.spec.worker.image = Some("ghcr.io/cambrian-dev/trainer:v2".into());
         assert_ne!(hash(&edited), before, "a new image needs a new Job");

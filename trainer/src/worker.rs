@@ -695,6 +695,11 @@ impl Worker<'_> {
         let started = Instant::now();
         let inherit = self.record.spec.controls.weight_inheritance;
         let mut candidates = alive.to_vec();
+        // After a weight reset, parents come from the retrained where there are any.
+        let epoch = self.interventions.epoch();
+        if candidates.iter().any(|c| c.epoch >= epoch) {
+            candidates.retain(|c| c.epoch >= epoch);
+        }
         if !matches!(lease.vacancy, Vacancy::Slot(_)) {
             while !candidates.is_empty() {
                 let parent = match select(&candidates, &self.record.spec.controls, &mut self.rng) {
