@@ -125,6 +125,19 @@ async fn population(store: Arc<dyn ObjectStore>) {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("different spec"), "{err}");
+    // The mutation rate is not identity: an edit is recorded as an intervention, once.
+    let mut edited = spec(&url).into_inner();
+    edited.mutation_rate = 5;
+    assert!(population.update_mutable(&edited).await.unwrap());
+    assert!(!population.update_mutable(&edited).await.unwrap());
+    let known = population.interventions().await.unwrap();
+    assert_eq!(known.by_key.len(), 1, "{known:?}");
+    assert_eq!(known.mutation_rate(1), 5);
+    assert_eq!(known.in_order()[0].source, "spec");
+    population
+        .start_experiment("conformance", &crds::validate(&edited).unwrap())
+        .await
+        .unwrap();
 
     // Slots are claimed exactly once.
     assert!(population.claim_slot(0, "w1").await.unwrap());
