@@ -323,22 +323,10 @@ impl Worker<'_> {
             // Its DNA is lost: the place gets an initial individual.
             Read::Corrupt => Population::initial_dna(&self.record.spec),
         };
-        if let Some(marker) = self.population.stop_marker().await? {
-            self.stop.stop(&marker.reason);
-            return Ok(Step::Continue);
-        }
-        let ticket = match self.ticket(leases).await? {
-            Ok(ticket) => ticket,
+        let lease = match self.take_place(stale, leases).await? {
+            Ok(lease) => lease,
             Err(step) => return Ok(step),
         };
-        let lease = self.lease(Vacancy::Replacing(stale.id.clone()), ticket);
-        self.population.hold(&lease).await?;
-        if !self.population.kill(stale, self.name()).await? {
-            self.population.release(&lease).await?;
-            self.give_back_ticket(ticket).await?;
-            self.report.conflicts += 1;
-            return Ok(Step::Continue);
-        }
         let seed = self.rng.random();
         let mut lineage = self.lineage(Some(stale.id.clone()), None, Vec::new(), seed);
         lineage.retrained = true;
@@ -558,25 +546,10 @@ impl Worker<'_> {
                 }
             }
         };
-        // A stopped experiment kills no one: its last kills would leave places unfilled.
-        if let Some(marker) = self.population.stop_marker().await? {
-            self.stop.stop(&marker.reason);
-            return Ok(Step::Continue);
-        }
-        let ticket = match self.ticket(leases).await? {
-            Ok(ticket) => ticket,
+        let lease = match self.take_place(&loser, leases).await? {
+            Ok(lease) => lease,
             Err(step) => return Ok(step),
         };
-        let lease = self.lease(Vacancy::Replacing(loser.id.clone()), ticket);
-        self.population.hold(&lease).await?;
-        if !self.population.kill(&loser, self.name()).await? {
-            tracing::debug!(worker = %self.settings.name, id = %loser.id, "lost the kill to another worker");
-            self.population.release(&lease).await?;
-            self.give_back_ticket(ticket).await?;
-            self.report.conflicts += 1;
-            return Ok(Step::Continue);
-        }
-        self.report.kills += 1;
         // The vacancy is ours now. A dead individual never reproduces: if the parent died
         // while we read it, fill the place from another. (Under aging the oldest may be its
         // own sample's best: it dies by our hand, after we read it, and still reproduces.)
@@ -591,6 +564,36 @@ impl Worker<'_> {
         let birth = self.offspring(&record, weights, lease, started, Undo::Revive(loser));
         self.raise(birth).await?;
         Ok(Step::Continue)
+    }
+
+    /// Kills `victim` for a child of ours, with the lease on its place written first and a
+    /// ticket for a bounded run; `Err(step)` when the experiment stopped, every ticket is
+    /// taken, or another worker won the kill.
+    async fn take_place(
+        &mut self,
+        victim: &AliveEntry,
+        leases: &[Lease],
+    ) -> Result<Result<Lease, Step>, WorkerError> {
+        // A stopped experiment kills no one: its last kills would leave places unfilled.
+        if let Some(marker) = self.population.stop_marker().await? {
+            self.stop.stop(&marker.reason);
+            return Ok(Err(Step::Continue));
+        }
+        let ticket = match self.ticket(leases).await? {
+            Ok(ticket) => ticket,
+            Err(step) => return Ok(Err(step)),
+        };
+        let lease = self.lease(Vacancy::Replacing(victim.id.clone()), ticket);
+        self.population.hold(&lease).await?;
+        if !self.population.kill(victim, self.name()).await? {
+            tracing::debug!(worker = %self.settings.name, id = %victim.id, "lost the kill to another worker");
+            self.population.release(&lease).await?;
+            self.give_back_ticket(ticket).await?;
+            self.report.conflicts += 1;
+            return Ok(Err(Step::Continue));
+        }
+        self.report.kills += 1;
+        Ok(Ok(lease))
     }
 
     /// The mutated copy of `parent` (§3.2), to be trained for `lease`'s vacancy.
