@@ -379,18 +379,18 @@ pub async fn apply(exp: &EvolutionExperiment, ctx: &Context) -> Result<Action> {
     tracing::debug!(
         experiment = %experiment.name,
         namespace = %namespace,
-        phase = ?status.phase,
+        phase = %status.phase.map_or("none".to_string(), |p| format!("{p:?}")),
         stopped,
         active = obs.workers.active,
         ready = obs.workers.ready,
-        trained = ?status.trained,
-        store_error = ?store_error,
+        trained = status.trained.unwrap_or(0),
+        store_error = %store_error.as_deref().unwrap_or("none"),
         "reconciled"
     );
     announce(exp, ctx, &previous, &status, store_error.as_deref()).await;
     write_status(exp, ctx, &status).await?;
     ctx.metrics
-        .experiment(&namespace, &experiment.name, &status);
+        .experiment(&namespace, &experiment.name, &status, store_error.is_none());
     Ok(match status.phase {
         Some(Phase::Succeeded | Phase::Failed) => Action::await_change(),
         _ => Action::requeue(requeue),

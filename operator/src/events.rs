@@ -118,7 +118,7 @@ pub async fn publish(exp: &EvolutionExperiment, ctx: &Context, reason: Reason, n
     if let Err(error) = result {
         tracing::warn!(
             experiment = %exp.name_any(),
-            reason = reason.as_str(),
+            reason = %reason.as_str(),
             %note,
             %error,
             "cannot publish an event"

@@ -44,6 +44,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value of [`Error::kind`], so that each error counter exists (at 0) before the
+    /// first error: a rate over a series that does not exist yet is no series at all.
+    pub const KINDS: [&'static str; 7] = [
+        "kube",
+        "store",
+        "secret",
+        "finalizer",
+        "namespace",
+        "store_in_use",
+        "waiting",
+    ];
+
     /// A short, stable label for the errors metric.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -1,5 +1,7 @@
 //! Prometheus metrics: reconciles, their errors and durations, and per-experiment gauges
-//! (population, individuals trained, best validation accuracy).
+//! (population, individuals trained, best validation accuracy, failed and replaced workers,
+//! whether the store was reached, whether it is running), what the chart's dashboard draws
+//! and its alerts watch (`charts/evolution-operator/monitoring/`).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -31,6 +33,10 @@ pub struct Metrics {
     pub population: Family<ExperimentLabels, Gauge>,
     pub trained: Family<ExperimentLabels, Gauge>,
     pub best_validation_accuracy: Family<ExperimentLabels, Gauge<f64, AtomicU64>>,
+    pub failed_workers: Family<ExperimentLabels, Gauge>,
+    pub worker_restarts: Family<ExperimentLabels, Gauge>,
+    pub store_reachable: Family<ExperimentLabels, Gauge>,
+    pub running: Family<ExperimentLabels, Gauge>,
     pub registry: Arc<Registry>,
 }
 
@@ -39,10 +45,19 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("cambrian");
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
+        for kind in crate::Error::KINDS {
+            let _ = failures.get_or_create(&ErrorLabels {
+                error: kind.to_string(),
+            });
+        }
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let population = Family::<ExperimentLabels, Gauge>::default();
         let trained = Family::<ExperimentLabels, Gauge>::default();
         let best = Family::<ExperimentLabels, Gauge<f64, AtomicU64>>::default();
+        let failed_workers = Family::<ExperimentLabels, Gauge>::default();
+        let worker_restarts = Family::<ExperimentLabels, Gauge>::default();
+        let store_reachable = Family::<ExperimentLabels, Gauge>::default();
+        let running = Family::<ExperimentLabels, Gauge>::default();
         registry.register(
             "reconciles",
             "Reconciles of EvolutionExperiments",
@@ -73,6 +88,26 @@ impl Default for Metrics {
             "Validation accuracy of the best individual",
             best.clone(),
         );
+        registry.register(
+            "experiment_failed_workers",
+            "Worker pods that failed, in the current workers Job",
+            failed_workers.clone(),
+        );
+        registry.register(
+            "experiment_worker_restarts",
+            "Workers Jobs replaced after they gave up",
+            worker_restarts.clone(),
+        );
+        registry.register(
+            "experiment_store_reachable",
+            "1 if the last status refresh read the experiment's store, 0 if it failed",
+            store_reachable.clone(),
+        );
+        registry.register(
+            "experiment_running",
+            "1 while the experiment is in phase Running (its workers should be training)",
+            running.clone(),
+        );
         Self {
             reconciles,
             failures,
@@ -80,6 +115,10 @@ impl Default for Metrics {
             population,
             trained,
             best_validation_accuracy: best,
+            failed_workers,
+            worker_restarts,
+            store_reachable,
+            running,
             registry: Arc::new(registry),
         }
     }
@@ -103,11 +142,14 @@ impl Metrics {
             .inc();
     }
 
+    /// The gauges of one experiment after a reconcile; `store_reached` says whether that
+    /// reconcile read its store.
     pub fn experiment(
         &self,
         namespace: &str,
         name: &str,
         status: &crds::EvolutionExperimentStatus,
+        store_reached: bool,
     ) {
         let labels = ExperimentLabels {
             namespace: namespace.into(),
@@ -124,6 +166,18 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(best.validation_accuracy);
         }
+        self.failed_workers
+            .get_or_create(&labels)
+            .set(i64::from(status.failed_workers.unwrap_or(0)));
+        self.worker_restarts
+            .get_or_create(&labels)
+            .set(i64::from(status.worker_restarts.unwrap_or(0)));
+        self.store_reachable
+            .get_or_create(&labels)
+            .set(i64::from(store_reached));
+        self.running
+            .get_or_create(&labels)
+            .set(i64::from(status.phase == Some(crds::Phase::Running)));
     }
 
     /// Removes an experiment's gauges once it is gone.
@@ -135,6 +189,10 @@ impl Metrics {
         self.population.remove(&labels);
         self.trained.remove(&labels);
         self.best_validation_accuracy.remove(&labels);
+        self.failed_workers.remove(&labels);
+        self.worker_restarts.remove(&labels);
+        self.store_reachable.remove(&labels);
+        self.running.remove(&labels);
     }
 
     pub fn render(&self) -> String {
@@ -172,16 +230,24 @@ mod tests {
             &crds::EvolutionExperimentStatus {
                 population: Some(7),
                 trained: Some(12),
+                phase: Some(crds::Phase::Running),
+                failed_workers: Some(2),
                 ..Default::default()
             },
+            false,
         );
         let text = m.render();
         for needle in [
             "cambrian_reconciles_total 1",
             "cambrian_reconcile_errors_total{error=\"store\"} 1",
+            "cambrian_reconcile_errors_total{error=\"kube\"} 0",
             "cambrian_reconcile_duration_seconds_count 1",
             "cambrian_experiment_population{namespace=\"ns\",name=\"exp\"} 7",
             "cambrian_experiment_trained{namespace=\"ns\",name=\"exp\"} 12",
+            "cambrian_experiment_failed_workers{namespace=\"ns\",name=\"exp\"} 2",
+            "cambrian_experiment_worker_restarts{namespace=\"ns\",name=\"exp\"} 0",
+            "cambrian_experiment_store_reachable{namespace=\"ns\",name=\"exp\"} 0",
+            "cambrian_experiment_running{namespace=\"ns\",name=\"exp\"} 1",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

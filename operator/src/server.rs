@@ -50,5 +50,7 @@ pub fn router(health: Health) -> Router {
 
 pub async fn serve(address: SocketAddr, health: Health) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
+    // The address actually bound: with port 0 the kernel chooses it.
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     axum::serve(listener, router(health)).await
 }

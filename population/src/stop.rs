@@ -108,7 +108,7 @@ pub async fn watch_for_stop(
                 if let Err(e) = population.request_stop(&reason).await {
                     tracing::warn!(error = %e, "cannot write the stop marker");
                 }
-                tracing::info!(experiment = %record.name, reason, "stopping");
+                tracing::info!(experiment = %record.name, reason = %reason, "stopping");
                 flag.stop(&reason);
                 return;
             }

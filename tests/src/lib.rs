@@ -7,10 +7,15 @@
 //!   injects 409/503 faults on demand.
 //! - [`moto::Moto`]: moto's standalone server (PyPI `moto[server]`) in a virtual environment
 //!   kept under the cargo target folder, an independent implementation closer to AWS.
+//! - [`prometheus::Prometheus`]: Debian's Prometheus server and promtool, for the chart's
+//!   dashboard and alerts; [`python::venv`]: PyPI tools such as ONNX Runtime.
 
 pub mod cluster;
+pub mod experiment;
 pub mod faults;
 pub mod moto;
+pub mod prometheus;
+pub mod python;
 pub mod s3s;
 pub mod tools;
 

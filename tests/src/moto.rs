@@ -1,5 +1,5 @@
-//! moto's standalone S3 server, installed into a virtual environment under the cargo target
-//! folder on first use (from PyPI) and started on a free loopback port. It lives as long as
+//! moto's standalone S3 server, installed into a virtual environment (`python::venv`) on first
+//! use (from PyPI) and started on a free loopback port. It lives as long as
 //! the test process: a small Python guard kills it when our end of its stdin closes.
 
 use std::io::BufRead;
@@ -13,41 +13,12 @@ pub struct Moto {
     _guard: Mutex<Child>,
 }
 
-fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    // Test executables live in <target>/<profile>/deps/.
-    let exe = std::env::current_exe().expect("test executable");
-    exe.ancestors()
-        .nth(3)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 fn venv() -> Result<PathBuf, String> {
-    let venv = target_dir().join("test-tools/moto-venv");
-    let python = venv.join("bin/python");
-    let ready = Command::new(&python)
-        .args(["-c", "import moto.server, flask"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ready {
-        return Ok(venv);
-    }
-    let run = |cmd: &mut Command| -> Result<(), String> {
-        let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr)))
-        }
-    };
-    std::fs::create_dir_all(venv.parent().expect("parent")).map_err(|e| e.to_string())?;
-    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "moto[server]>=5"]))?;
-    Ok(venv)
+    crate::python::venv(
+        "moto-venv",
+        &["moto[server]>=5"],
+        "import moto.server, flask",
+    )
 }
 
 fn start() -> Result<Moto, String> {

@@ -1022,3 +1022,134 @@ async fn the_operator_survives_being_killed_and_a_standby_takes_over() {
         .await;
     assert!(status.trained.unwrap_or(0) >= trained + 2);
 }
+
+/// The `host:port` each running operator replica serves its metrics on, from the line its
+/// server logs at start (pods share this machine's loopback and bind port 0).
+async fn operator_metrics_addresses(client: &kube::Client) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let mut addresses = Vec::new();
+    for pod in pods
+        .list(&ListParams::default())
+        .await
+        .expect("operator pods")
+        .items
+    {
+        if pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running")
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let log = cluster()
+            .node
+            .log(OPERATOR_NAMESPACE, &pod.name_any(), "operator");
+        let address = log
+            .lines()
+            .rev()
+            .filter(|l| l.contains("serving /metrics"))
+            .find_map(|l| {
+                let plain: String = strip_ansi(l);
+                let at = plain.find("address=")? + "address=".len();
+                plain[at..].split_whitespace().next().map(str::to_string)
+            });
+        addresses.extend(address);
+    }
+    addresses
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Prometheus (Debian's package) scraping the operator while it runs an experiment, with the
+/// chart's alerts loaded: every query of the chart's dashboard returns series for it, and no
+/// alert fires for a healthy experiment.
+#[tokio::test]
+async fn prometheus_scrapes_the_operator_and_every_dashboard_query_has_series() {
+    use cambrian_tests::prometheus::Prometheus;
+    let _operator = OPERATOR.read().await;
+    let scene = Scene::new("metrics").await;
+    let name = "watched";
+    let manifest = scene.manifest(
+        name,
+        json!({ "workers": 1, "stop": { "individualsTrained": 100000 } }),
+    );
+    scene.apply(&manifest).expect("kubectl apply");
+    scene
+        .until(name, "training", LONG, |s| {
+            phase(s) == Some(Phase::Running) && s.trained.unwrap_or(0) >= 1
+        })
+        .await;
+    let addresses = eventually(
+        "the operator's metrics address in its log",
+        LONG,
+        || async {
+            let found = operator_metrics_addresses(&scene.client).await;
+            (!found.is_empty()).then_some(found)
+        },
+    )
+    .await;
+    let monitoring = repo().join("charts/evolution-operator/monitoring");
+    let prometheus = Prometheus::start(&addresses, &[monitoring.join("rules.yaml")]);
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(monitoring.join("dashboard.json")).unwrap())
+            .unwrap();
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    // The template variables' queries, as series selectors.
+    queries.push("cambrian_experiment_trained".into());
+    assert!(queries.len() >= 10, "{queries:?}");
+    for query in queries {
+        let concrete = query
+            .replace("$namespace", &scene.namespace)
+            .replace("$experiment", name)
+            .replace("$__rate_interval", "15s");
+        let series = eventually(&format!("series for {concrete}"), LONG, || async {
+            let series = prometheus
+                .query(&concrete)
+                .unwrap_or_else(|e| panic!("{e}"));
+            (!series.is_empty()).then_some(series)
+        })
+        .await;
+        if concrete.contains("cambrian_experiment") {
+            assert!(
+                series
+                    .iter()
+                    .any(|s| s["metric"]["namespace"] == scene.namespace.as_str()),
+                "{concrete}: {series:?}"
+            );
+        }
+    }
+    let alerts = prometheus
+        .query(&format!(
+            "ALERTS{{namespace=\"{}\", alertstate=\"firing\"}}",
+            scene.namespace
+        ))
+        .unwrap();
+    assert!(
+        alerts.is_empty(),
+        "alerts for a healthy experiment: {alerts:?}"
+    );
+    scene
+        .experiments()
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+}

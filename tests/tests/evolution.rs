@@ -2,88 +2,21 @@
 //! the S3 store and the file store, with the bookkeeping checked afterwards.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
+use cambrian_tests::experiment::{evolve, spec, tiny_split, trainer};
 use cambrian_tests::s3s::S3Server;
 use cambrian_tests::{as_dyn, s3_store};
 use candle_core::Device;
-use crds::Dataset;
 use population::dna::ModelSpec;
 use population::fixtures;
-use population::stop::{spawn_watch, StopFlag};
-use population::store::{ExperimentRecord, FileStore, ObjectStore, Population};
-use trainer::child::{CandleTrainer, ChildJob, ChildTrainer};
-use trainer::data::{fixture, Split};
+use population::stop::StopFlag;
+use population::store::{FileStore, ObjectStore, Population};
+use trainer::child::ChildJob;
 use trainer::model::Model;
 use trainer::weights::Weights;
-use trainer::worker::{self, WorkerReport, WorkerSettings};
-
-fn tiny_split() -> Arc<Split> {
-    let dir = tempfile::tempdir().unwrap();
-    fixture::write(dir.path(), Dataset::Cifar10, 24, 3).unwrap();
-    Arc::new(Split::load(dir.path(), Dataset::Cifar10, 0, None).unwrap())
-}
-
-fn spec(url: &str, population: u32, trained: u64) -> crds::ValidatedSpec {
-    fixtures::spec(serde_json::json!({
-        "population": population,
-        "workers": population,
-        "training": { "steps": 3, "batchSize": 8, "momentum": 0.9, "weightDecay": 0.0001, "initialLearningRate": 0.05 },
-        "store": { "url": url },
-        "stop": { "individualsTrained": trained },
-    }))
-}
-
-/// A trainer whose trainings share the CPU among up to 16 worker loops, the most any test here
-/// runs at once (more workers than individuals: each competes for few of them).
-fn trainer(split: Arc<Split>, spec: &crds::ValidatedSpec) -> Arc<dyn ChildTrainer> {
-    Arc::new(CandleTrainer::for_spec(
-        &spec.training,
-        split,
-        Device::Cpu,
-        16,
-    ))
-}
-
-/// Runs `workers` worker tasks until the experiment's stop condition, watching the alive
-/// count all along; returns the workers' reports and the largest alive count seen.
-async fn evolve(
-    population: &Population,
-    record: &ExperimentRecord,
-    trainer: Arc<dyn ChildTrainer>,
-    workers: u32,
-) -> (Vec<WorkerReport>, usize) {
-    let stop = Arc::new(StopFlag::default());
-    let watcher = spawn_watch(population, record, &stop, Duration::from_millis(100));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let monitor = {
-        let (population, stop, peak) = (population.clone(), stop.clone(), peak.clone());
-        tokio::spawn(async move {
-            while !stop.is_stopped() {
-                if let Ok(alive) = population.alive().await {
-                    peak.fetch_max(alive.len(), Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
-    let loops = (0..workers)
-        .map(|i| WorkerSettings {
-            idle_wait: Duration::from_millis(20),
-            progress_interval: Duration::from_millis(50),
-            ..WorkerSettings::new(format!("w{i}"), u64::from(i))
-        })
-        .collect();
-    let reports = worker::run_loops(loops, population, record, trainer, &stop)
-        .await
-        .unwrap();
-    watcher.await.unwrap();
-    monitor.await.unwrap();
-    (reports, peak.load(Ordering::SeqCst))
-}
+use trainer::worker::WorkerReport;
 
 /// The invariants of a finished run.
 async fn check_books(population: &Population, size: usize, reports: &[WorkerReport], peak: usize) {

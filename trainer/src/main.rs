@@ -28,6 +28,9 @@ enum Command {
     Worker(cli::worker::Args),
     /// Summary, best-individual export and progress plot of any store, at any time.
     Report(cli::report::Args),
+    /// Write the best individual (or any, by id) as an ONNX model beside its DNA and weights,
+    /// with pictures of its network and its lineage.
+    Export(cli::export::Args),
     /// Measure the best individual by validation on the test set and record it in the store.
     Evaluate(cli::evaluate::Args),
     /// Run a study's arms over its seeds and aggregate them: Figures 2–4 and a table (§4, §5).
@@ -50,7 +53,7 @@ fn main() -> ExitCode {
     match command() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("Error: {error:#}");
+            eprintln!("Error: {}", message(&error));
             match error.downcast_ref::<cli::Exit>() {
                 Some(exit) => ExitCode::from(exit.code()),
                 None => ExitCode::FAILURE,
@@ -59,18 +62,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn command() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+/// The error and its causes, each said once: a context that already quotes its cause (as
+/// most of ours do, to read well on its own) is not followed by the same words again.
+fn message(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Logs to standard error through `tracing-indicatif`, so that a progress bar (see
+/// `cli::progress`) stays at the bottom with log lines printed above it.
+fn init_logging() {
+    use tracing_indicatif::filter::{hide_indicatif_span_fields, IndicatifFilter};
+    use tracing_indicatif::IndicatifLayer;
+    use tracing_subscriber::fmt::format::DefaultFields;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    let indicatif = IndicatifLayer::new()
+        .with_span_field_formatter(hide_indicatif_span_fields(DefaultFields::new()));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::registry()
+        .with(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(indicatif.get_stderr_writer()),
         )
-        .with_writer(std::io::stderr)
+        .with(indicatif.with_filter(IndicatifFilter::new(false)))
         .init();
+}
+
+fn command() -> Result<()> {
+    init_logging();
     cli::memory::keep_step_buffers();
     match Cli::parse().command {
         Command::Run(args) => cli::block_on(cli::run::run(args)),
         Command::Worker(args) => cli::block_on(cli::worker::run(args)),
         Command::Report(args) => cli::block_on(cli::report::run(args)),
+        Command::Export(args) => cli::block_on(cli::export::run(args)),
         Command::Evaluate(args) => cli::block_on(cli::evaluate::run(args)),
         Command::Intervene(args) => cli::block_on(cli::intervene::run(args)),
         Command::Study(args) => cli::block_on(cli::study::run(args)),

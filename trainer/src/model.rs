@@ -20,16 +20,19 @@ pub enum ModelError {
     Tensor(#[from] candle_core::Error),
 }
 
-enum EdgeOp {
+/// What a vertex's primary edge applies to its input.
+pub(crate) enum EdgeOp {
     Identity,
     Convolution(Conv2d),
 }
 
-struct VertexOp {
-    from: usize,
-    edge: EdgeOp,
-    skips: Vec<(usize, Resize)>,
-    batch_norm: Option<BatchNormRelu>,
+/// One backbone vertex as computed: what the exporter (`onnx`) writes out as the same graph.
+pub(crate) struct VertexOp {
+    /// The index (into the model's values, 0 being the images) of the primary edge's input.
+    pub(crate) from: usize,
+    pub(crate) edge: EdgeOp,
+    pub(crate) skips: Vec<(usize, Resize)>,
+    pub(crate) batch_norm: Option<BatchNormRelu>,
 }
 
 pub struct Model {
@@ -182,6 +185,15 @@ impl Model {
 
     pub fn shapes(&self) -> &[Shape3] {
         &self.shapes
+    }
+
+    /// The vertices after the input, in backbone order.
+    pub(crate) fn vertex_ops(&self) -> &[VertexOp] {
+        &self.vertices
+    }
+
+    pub(crate) fn classifier(&self) -> &Linear {
+        &self.classifier
     }
 }
 

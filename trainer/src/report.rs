@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use futures::StreamExt;
@@ -28,6 +29,8 @@ pub enum ReportError {
     NoExperiment(String),
     #[error("{0} holds no trained individual yet")]
     Empty(String),
+    #[error("the store holds no record of individual {0}; `trainer report` lists the best")]
+    Unknown(String),
     #[error("the weights of individual {0} are gone (it died and was collected)")]
     NoWeights(String),
     #[error("tensor {0} is missing or has another shape than the DNA's network")]
@@ -40,6 +43,8 @@ pub enum ReportError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error(transparent)]
+    Onnx(#[from] crate::onnx::OnnxError),
     #[error("writing {path}: {message}")]
     Write { path: PathBuf, message: String },
 }
@@ -105,10 +110,37 @@ pub async fn best_readable<'a>(
             Ok(None) => "its weights are gone (it died and was collected)".to_string(),
             Err(e) => format!("its weights cannot be read: {e}"),
         };
-        tracing::warn!(id = %candidate.id, why, "skipping a better individual");
+        tracing::warn!(id = %candidate.id, why = %why, "skipping a better individual");
         skipped.push((candidate.id.to_string(), why));
     }
     Err(ReportError::Empty(population.url().to_string()))
+}
+
+/// Individual `id` with weights that load into its network, for an export of any individual.
+pub async fn readable<'a>(
+    population: &Population,
+    g: &'a Gathered,
+    id: &str,
+) -> Result<Readable<'a>, ReportError> {
+    let individual = g
+        .individuals
+        .iter()
+        .find(|i| i.id.as_str() == id)
+        .ok_or_else(|| ReportError::Unknown(id.to_string()))?;
+    let bytes = population
+        .weights(&individual.id)
+        .await?
+        .ok_or_else(|| ReportError::NoWeights(id.to_string()))?;
+    loads(
+        &individual.dna,
+        g.record.spec.data.dataset.classes(),
+        &bytes,
+    )?;
+    Ok(Readable {
+        individual,
+        weights: bytes,
+        skipped: Vec::new(),
+    })
 }
 
 /// Whether `bytes` hold every tensor of `dna`'s network, each of its shape.
@@ -319,27 +351,21 @@ pub async fn export_best(
 /// reused.
 pub async fn evaluate_best(
     population: &Population,
-    g: &Gathered,
     best: &Readable<'_>,
-    data_dir: &Path,
-    device: &Device,
+    bench: &Arc<TestBench>,
 ) -> Result<TestResult, ReportError> {
     let weights = best.weights.clone();
     let best = best.individual;
     if let Some(result) = population.test_result(&best.id).await? {
         return Ok(result);
     }
-    let spec = g.record.spec.clone();
-    let (dna, id) = (best.dna.clone(), best.id.clone());
-    let (data_dir, device) = (data_dir.to_path_buf(), device.clone());
-    let result = tokio::task::spawn_blocking(move || -> Result<TestResult, ReportError> {
-        TestBench::load(&spec, &data_dir, &device)?.measure(&id, &dna, &weights)
-    })
-    .await
-    .map_err(|e| ReportError::Write {
-        path: PathBuf::from("<test evaluation>"),
-        message: e.to_string(),
-    })??;
+    let (dna, id, bench) = (best.dna.clone(), best.id.clone(), bench.clone());
+    let result = tokio::task::spawn_blocking(move || bench.measure(&id, &dna, &weights))
+        .await
+        .map_err(|e| ReportError::Write {
+            path: PathBuf::from("<test evaluation>"),
+            message: e.to_string(),
+        })??;
     population.record_test_result(&result).await?;
     Ok(result)
 }
@@ -376,6 +402,26 @@ impl TestBench {
             classes: kind.classes(),
             device: device.clone(),
         })
+    }
+
+    /// [`TestBench::load`] off the runtime's threads.
+    pub async fn load_async(
+        spec: &crds::EvolutionExperimentSpec,
+        data_dir: &Path,
+        device: &Device,
+    ) -> Result<Arc<Self>, ReportError> {
+        let (spec, dir, device) = (spec.clone(), data_dir.to_path_buf(), device.clone());
+        tokio::task::spawn_blocking(move || Self::load(&spec, &dir, &device).map(Arc::new))
+            .await
+            .map_err(|e| ReportError::Write {
+                path: PathBuf::from("<test set>"),
+                message: e.to_string(),
+            })?
+    }
+
+    /// The normalisation every individual of the experiment was trained with.
+    pub fn normalization(&self) -> &Normalization {
+        &self.normalization
     }
 
     /// Blocking: the test accuracy of `dna` with `weights`.

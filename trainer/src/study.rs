@@ -282,19 +282,14 @@ pub async fn measure(
             events.push((*i, flops));
         }
     }
-    let spec = g.record.spec.clone();
     let bench: Option<Arc<TestBench>> = if events.is_empty() {
         None
     } else {
-        let (dir, device) = (data_dir.to_path_buf(), device.clone());
-        let bench = tokio::task::spawn_blocking(move || TestBench::load(&spec, &dir, &device))
-            .await
-            .map_err(|e| StudyError::Write {
-                path: data_dir.to_path_buf(),
-                message: e.to_string(),
-            })?
-            .map_err(Box::new)?;
-        Some(Arc::new(bench))
+        Some(
+            TestBench::load_async(&g.record.spec, data_dir, device)
+                .await
+                .map_err(Box::new)?,
+        )
     };
     let mut best_so_far = Vec::new();
     for (individual, flops) in events {
@@ -513,6 +508,20 @@ fn draw_err(path: &Path) -> impl Fn(String) -> StudyError + '_ {
     }
 }
 
+/// The accuracy axis: the tenths around `values`, so that gaps of a point or two between arms
+/// show, instead of the whole of 0..1.
+fn accuracy_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+        (l.min(v), h.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let lo = ((lo - 0.02) * 10.0).floor() / 10.0;
+    let hi = ((hi + 0.02) * 10.0).ceil() / 10.0;
+    lo.max(0.0)..hi.min(1.0).max(lo.max(0.0) + 0.1)
+}
+
 /// A run's best-so-far test accuracy at `x` (seconds or FLOPs), if it had a best by then.
 fn step_at(run: &RunResult, x: f64, by_flops: bool) -> Option<f64> {
     run.best_so_far
@@ -539,6 +548,12 @@ pub fn figure2(
     } else {
         (60.0, "wall time (minutes)".to_string())
     };
+    let y = accuracy_range(
+        results
+            .iter()
+            .flat_map(|r| r.best_so_far.iter().filter_map(|b| b.test)),
+    );
+    let fine = x_max / scale < 10.0;
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
@@ -549,7 +564,7 @@ pub fn figure2(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..x_max / scale, 0f64..1f64)
+        .build_cartesian_2d(0f64..x_max / scale, y.clone())
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
@@ -558,6 +573,8 @@ pub fn figure2(
         .x_label_formatter(&|x| {
             if by_flops {
                 format!("{x:.1e}")
+            } else if fine {
+                format!("{x:.1}")
             } else {
                 format!("{x:.0}")
             }
@@ -584,8 +601,8 @@ pub fn figure2(
             }
             let (m, s) = mean_std(&values);
             mean.push((x / scale, m));
-            upper.push((x / scale, (m + 2.0 * s).min(1.0)));
-            lower.push((x / scale, (m - 2.0 * s).max(0.0)));
+            upper.push((x / scale, (m + 2.0 * s).min(y.end)));
+            lower.push((x / scale, (m - 2.0 * s).max(y.start)));
         }
         if mean.is_empty() {
             continue;
@@ -639,7 +656,10 @@ pub fn figure3(
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d((lo - pad)..(hi + pad), 0f64..1f64)
+        .build_cartesian_2d(
+            (lo - pad)..(hi + pad),
+            accuracy_range(results.iter().filter_map(|r| r.last().and_then(|b| b.test))),
+        )
         .map_err(|e| err(e.to_string()))?;
     let names: BTreeMap<i64, String> = arms
         .iter()

@@ -194,7 +194,7 @@ impl Worker<'_> {
 
     async fn run(&mut self) -> Result<(), WorkerError> {
         let experiment = self.record.name.as_str();
-        tracing::info!(experiment, worker = %self.settings.name, "worker started");
+        tracing::info!(experiment = %experiment, worker = %self.settings.name, "worker started");
         self.resume_progress().await?;
         while !self.stop.is_stopped() {
             if self
@@ -226,19 +226,19 @@ impl Worker<'_> {
             // Done does not set the stop flag: loops of this process that share it may still
             // be training the last tickets.
             if let Step::Done = step {
-                tracing::info!(experiment, worker = %self.settings.name,
+                tracing::info!(experiment = %experiment, worker = %self.settings.name,
                     "every training of the run's individualsTrained is claimed and done");
                 break;
             }
         }
         tracing::info!(
-            experiment,
+            experiment = %experiment,
             worker = %self.settings.name,
             trained = self.report.trained,
             conflicts = self.report.conflicts,
             adopted = self.report.adopted,
             failed = self.report.failed,
-            reason = self.stop.reason().unwrap_or_default(),
+            reason = %self.stop.reason().unwrap_or_default(),
             "worker stopped"
         );
         Ok(())
@@ -866,11 +866,12 @@ impl Worker<'_> {
             Undo::ReleaseSlot(_) => {}
         }
         self.population.release(&lease).await?;
-        tracing::info!(
+        // Debug: a short run has thousands; the progress display says how it goes.
+        tracing::debug!(
             experiment = %self.record.name,
             worker = %self.settings.name,
             id = %individual.id,
-            parent = %individual.lineage.parent.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+            parent = %individual.lineage.parent.as_ref().map_or("none".to_string(), |p| p.to_string()),
             validation_accuracy = individual.fitness(),
             convolutions = individual.outcome.convolutions,
             seconds = started.elapsed().as_secs_f64(),

@@ -28,6 +28,7 @@ fn local_run_trains_reports_exports_and_plots() {
     )
     .unwrap();
     let output = trainer()
+        .env("RUST_LOG", "info")
         .arg("run")
         .arg(&manifest)
         .arg("--data")
@@ -46,9 +47,21 @@ fn local_run_trains_reports_exports_and_plots() {
         "best/dna.json",
         "best/weights.safetensors",
         "best/individual.json",
+        "best/model.onnx",
+        "best/architecture.svg",
+        "best/lineage.svg",
+        "best/lineage.txt",
     ] {
         assert!(out.join(file).exists(), "{file} missing");
     }
+    let architecture = std::fs::read_to_string(out.join("best/architecture.svg")).unwrap();
+    assert!(architecture.contains("fully connected") && architecture.contains("input"));
+    let lineage = std::fs::read_to_string(out.join("best/lineage.txt")).unwrap();
+    assert!(lineage.contains("initial individual"), "{lineage}");
+    // Births are debug lines; off a terminal a run logs each new best (and a summary line
+    // every 30 s), not every birth.
+    assert!(!stderr.contains("individual born"), "{stderr}");
+    assert!(stderr.contains("new best"), "{stderr}");
     let svg = std::fs::read_to_string(out.join("progress.svg")).unwrap();
     assert!(svg.contains("<circle"), "no individuals drawn");
     let dna = population::dna::Dna::load(&out.join("best/dna.json")).unwrap();
@@ -67,6 +80,64 @@ fn local_run_trains_reports_exports_and_plots() {
     assert!(again.contains("best"), "{again}");
     // Exactly the twelve trainings asked for, and all four places filled at the end.
     assert!(again.contains("12 trained, 4 alive"), "{again}");
+
+    // `export` writes any individual: the best by default, another by id, and names an
+    // unknown one.
+    let url = format!("file://{}", store.display());
+    let export = |extra: &[&str], to: &std::path::Path| {
+        trainer()
+            .arg("export")
+            .arg(&url)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(to)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = export(&[], &dir.path().join("export"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("model.onnx") && text.contains("test "),
+        "{text}"
+    );
+    let best: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("export/individual.json")).unwrap(),
+    )
+    .unwrap();
+    let other = std::fs::read_dir(store.join("individuals"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|id| {
+            best["id"] != id.as_str()
+                && store
+                    .join("individuals")
+                    .join(id)
+                    .join("weights.safetensors")
+                    .exists()
+        })
+        .expect("another individual with weights");
+    let output = export(&["--id", &other], &dir.path().join("other"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(dir.path().join("other/model.onnx").exists());
+    let output = export(&["--id", "1a2b3c4d5e6-00000000"], &dir.path().join("none"));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no record of individual 1a2b3c4d5e6-00000000"),
+        "{stderr}"
+    );
 
     // Run again: it says what stopped it and how to go on, and trains nothing.
     let run = |manifest: &std::path::Path| {
@@ -119,6 +190,8 @@ fn bad_manifest_names_the_field() {
         stderr.contains("spec.workers") && stderr.contains("bad.yaml"),
         "{stderr}"
     );
+    // Said once: a context that quotes its cause is not followed by the cause again.
+    assert_eq!(stderr.matches("spec.workers").count(), 1, "{stderr}");
 }
 
 #[test]

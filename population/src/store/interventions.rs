@@ -182,7 +182,7 @@ impl Population {
             };
             let body = serde_json::to_vec_pretty(&intervention).expect("serialisable");
             if self.store().put_new(&key, Bytes::from(body)).await? {
-                tracing::info!(store = %self.url(), key, "scheduled intervention reached");
+                tracing::info!(store = %self.url(), key = %key, "scheduled intervention reached");
             }
         }
         Ok(wrote)

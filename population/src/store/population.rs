@@ -146,7 +146,7 @@ impl Population {
             .unwrap_or(true);
         if new {
             tracing::warn!(
-                store = self.url(),
+                store = %self.url(),
                 key,
                 why,
                 "skipping an object that is not ours"

@@ -133,13 +133,13 @@ impl<S: ObjectStore> Resilient<S> {
         if due {
             outage.warned = Some(now);
             tracing::warn!(
-                store = self.inner.url(),
+                store = %self.inner.url(),
                 seconds = now.duration_since(outage.since).as_secs(),
                 error = %error,
                 "the store is unreachable; retrying until it answers"
             );
         } else {
-            tracing::debug!(store = self.inner.url(), error = %error, "store request failed; retrying");
+            tracing::debug!(store = %self.inner.url(), error = %error, "store request failed; retrying");
         }
     }
 
@@ -150,7 +150,7 @@ impl<S: ObjectStore> Resilient<S> {
         if let Some(past) = outage.take() {
             if past.warned.is_some() {
                 tracing::info!(
-                    store = self.inner.url(),
+                    store = %self.inner.url(),
                     seconds = past.since.elapsed().as_secs(),
                     "the store answers again"
                 );

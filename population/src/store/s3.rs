@@ -259,7 +259,7 @@ impl ObjectStore for S3Store {
                         || err.code() == Some("ConditionalRequestConflict"))
                         && attempt < CONFLICT_ATTEMPTS =>
                 {
-                    tracing::debug!(key, attempt, "conditional write conflict, retrying");
+                    tracing::debug!(key = %key, attempt, "conditional write conflict, retrying");
                     tokio::time::sleep(backoff + Duration::from_millis(rand::random::<u64>() % 20))
                         .await;
                     backoff *= 2;

@@ -49,7 +49,14 @@ pub async fn run(args: Args) -> Result<()> {
     for (id, why) in &best.skipped {
         eprintln!("skipped {id}, better by validation: {why}");
     }
-    let result = report::evaluate_best(&population, &gathered, &best, &data, &device).await?;
+    let result = match population.test_result(&best.individual.id).await? {
+        Some(recorded) => recorded,
+        None => {
+            let bench =
+                report::TestBench::load_async(&gathered.record.spec, &data, &device).await?;
+            report::evaluate_best(&population, &best, &bench).await?
+        }
+    };
     // Only the experiment's final evaluation says which result the experiment reports; a
     // report run midway measures without deciding.
     population.record_reported(&result).await?;

@@ -114,7 +114,7 @@ impl ExperimentFlags {
                 if !dropped.is_empty() {
                     tracing::warn!(
                         experiment = %experiment.name,
-                        fields = ?dropped,
+                        fields = %dropped.join(", "),
                         "the operator is newer than this trainer: ignoring fields it does not know (use a trainer image of the operator's version to use them)"
                     );
                 }

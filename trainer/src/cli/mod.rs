@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod check_ops;
 pub mod evaluate;
+pub mod export;
 pub mod flags;
 pub mod intervene;
 pub mod memory;

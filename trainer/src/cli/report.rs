@@ -7,7 +7,8 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args as ClapArgs;
 use population::store::Population;
-use trainer::report;
+use trainer::export;
+use trainer::report::{self, TestBench};
 
 use super::flags::{DataFlag, DeviceFlag, S3Flags};
 
@@ -62,16 +63,26 @@ pub async fn write_report(population: &Population, target: ReportTarget) -> Resu
             None
         }
     };
-    let test = match (&target.data, &best) {
-        (Some(dir), Some(best)) => {
-            match report::evaluate_best(population, &gathered, best, dir, &target.device).await {
-                Ok(result) => Some(result),
+    let bench = match &target.data {
+        Some(dir) if best.is_some() => {
+            match TestBench::load_async(&gathered.record.spec, dir, &target.device).await {
+                Ok(bench) => Some(bench),
                 Err(e) => {
-                    eprintln!("test accuracy not measured: {e}");
+                    eprintln!("test accuracy not measured and no ONNX model written: {e}");
                     None
                 }
             }
         }
+        _ => None,
+    };
+    let test = match (&bench, &best) {
+        (Some(bench), Some(best)) => match report::evaluate_best(population, best, bench).await {
+            Ok(result) => Some(result),
+            Err(e) => {
+                eprintln!("test accuracy not measured: {e}");
+                None
+            }
+        },
         _ => None,
     };
     print!(
@@ -82,8 +93,15 @@ pub async fn write_report(population: &Population, target: ReportTarget) -> Resu
     let plot = target.out.join("progress.svg");
     report::plot(&gathered, &plot)?;
     if let Some(best) = &best {
-        match report::export_best(best, test.as_ref(), &target.out.join("best")).await {
-            Ok(dir) => println!("exported     {}", dir.display()),
+        let normalization = bench.as_ref().map(|b| b.normalization());
+        let dir = target.out.join("best");
+        match export::write(&gathered, best, test.as_ref(), normalization, &dir).await {
+            Ok(exported) => {
+                println!("exported     {}", exported.dir.display());
+                if exported.onnx.is_none() {
+                    println!("             (no model.onnx without --data: its input's normalisation comes from the training images)");
+                }
+            }
             Err(e) => eprintln!("best individual not exported: {e}"),
         }
     }

@@ -132,6 +132,7 @@ pub async fn run(args: Args) -> Result<()> {
         population.clone(),
         record.clone(),
         stop.clone(),
+        super::progress::Display::for_stderr(Duration::from_secs(30)),
     ));
 
     // Stable names: a run started again takes up each worker's totals and vacancies.

@@ -134,9 +134,20 @@ pub async fn run(args: Args) -> Result<()> {
             }
         })
         .collect();
+    // A pod's log says how the whole experiment goes once a minute, since births are at
+    // debug level: thousands of lines in a short run.
+    let progress = tokio::spawn(super::progress::show(
+        population.clone(),
+        record.clone(),
+        stop.clone(),
+        super::progress::Display::Lines {
+            every: Duration::from_secs(60),
+        },
+    ));
     let result = worker::run_loops(loops, &population, &record, trainer, &stop).await;
     stop.stop("worker finished");
     let _ = watcher.await;
+    let _ = progress.await;
     let reports = match result {
         Err(worker::WorkerError::Store(e @ StoreError::Credentials { .. })) => {
             return Err(configuration(e.into()))

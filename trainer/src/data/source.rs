@@ -181,7 +181,7 @@ pub fn fetch_archive(url: &str, expected_sha: &str, cache: &Path) -> Result<Path
         });
     }
     if expected_sha.is_empty() {
-        tracing::warn!(url, sha256 = %got, "no checksum to verify the download against; set spec.data.sha256");
+        tracing::warn!(url = %url, sha256 = %got, "no checksum to verify the download against; set spec.data.sha256");
     }
     let staging = cache.join(format!(".unpack-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);

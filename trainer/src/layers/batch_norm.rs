@@ -12,7 +12,7 @@ use super::{Kernels, Path};
 use crate::weights::{Init, Parameters, WeightsError};
 
 const MOMENTUM: f64 = 0.1;
-const EPS: f64 = 1e-5;
+pub(crate) const EPS: f64 = 1e-5;
 
 /// Bessel's correction for a variance over `count` elements (PyTorch's running variance is
 /// unbiased).

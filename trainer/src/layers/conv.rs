@@ -50,6 +50,10 @@ impl Conv2d {
         &self.bias
     }
 
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
     pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
         let (_, _, height, width) = x.dims4()?;
         let (_, _, fh, fw) = self.weight.dims4()?;

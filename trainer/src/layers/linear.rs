@@ -32,6 +32,14 @@ impl Linear {
         })
     }
 
+    pub(crate) fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    pub(crate) fn bias(&self) -> &Var {
+        &self.bias
+    }
+
     pub fn forward(&self, x: &Tensor, kernels: &Kernels) -> Result<Tensor> {
         let x = x.flatten_from(1)?;
         match kernels.path(x.device()) {

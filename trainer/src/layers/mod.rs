@@ -12,6 +12,7 @@ mod linear;
 mod resize;
 
 pub use batch_norm::BatchNormRelu;
+pub(crate) use batch_norm::EPS as BATCH_NORM_EPS;
 pub use conv::Conv2d;
 pub use geometry::Geometry;
 pub use kernels::{

@@ -53,6 +53,21 @@ impl Resize {
         })
     }
 
+    /// The source row of each target row, where the heights differ.
+    pub(crate) fn rows(&self) -> Option<&[usize]> {
+        self.rows.as_ref().map(|_| self.fit.rows.as_slice())
+    }
+
+    /// The source column of each target column, where the widths differ.
+    pub(crate) fn cols(&self) -> Option<&[usize]> {
+        self.cols.as_ref().map(|_| self.fit.cols.as_slice())
+    }
+
+    /// Channels in and out: the first `to` are kept, or zeros are appended up to `to`.
+    pub(crate) fn channels(&self) -> (usize, usize) {
+        (self.from_channels, self.to_channels)
+    }
+
     /// `v + self.forward(s)`: the skip's contribution added to the vertex's sum. One fused op
     /// on the CPU path; Candle's operations elsewhere.
     pub fn add_to(&self, v: &Tensor, s: &Tensor, kernels: &Kernels) -> Result<Tensor> {
