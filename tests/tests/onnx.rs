@@ -148,15 +148,7 @@ async fn onnx_runtime_gives_cambrians_logits_and_test_accuracy() {
     // model; relative to the logits' size for untrained grown networks, whose logits reach
     // tens.
     let mut expected: HashMap<PathBuf, (usize, f64)> = HashMap::new();
-    let weights = trainer::weights::Weights::from_safetensors(&best.weights, &Device::Cpu).unwrap();
-    let (model, _) = Model::build(
-        &best.individual.dna,
-        ModelSpec::cifar(10),
-        Some(&weights),
-        &mut rng(0, Stream::Initialisation),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model = report::saved_model(&best.individual.dna, 10, &best.weights).unwrap();
     let (logits, correct) = cambrian_logits(&model, images, &normalization);
     assert_eq!(correct, test.correct, "the test accuracy cambrian recorded");
     write_f32(&evolved.with_extension("onnx.logits"), &logits);

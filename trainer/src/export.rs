@@ -4,17 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-
 use crate::data::Normalization;
-use crate::model::Model;
 use crate::onnx::{self, Metadata};
 use crate::pictures::architecture::{self, Heading};
 use crate::pictures::lineage::Lineage;
 use crate::report::{self, Gathered, Readable, ReportError};
-use crate::weights::Weights;
 use population::dna::ModelSpec;
-use population::seed::{self, Stream};
 use population::store::TestResult;
 
 /// What an export wrote.
@@ -91,17 +86,7 @@ pub async fn write(
     )?);
     let onnx = match normalization {
         Some(normalization) => {
-            let weights = Weights::from_safetensors(&readable.weights, &Device::Cpu)?;
-            let (model, inheritance) = Model::build(
-                &individual.dna,
-                spec,
-                Some(&weights),
-                &mut seed::rng(0, Stream::Initialisation),
-                &Device::Cpu,
-            )?;
-            if let Some(missing) = inheritance.fresh.first() {
-                return Err(ReportError::Incomplete(missing.clone()));
-            }
+            let model = report::saved_model(&individual.dna, spec.classes, &readable.weights)?;
             let mut metadata = Metadata::default()
                 .with("experiment", &g.record.name)
                 .with("individual", &individual.id)

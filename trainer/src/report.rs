@@ -145,8 +145,18 @@ pub async fn readable<'a>(
 
 /// Whether `bytes` hold every tensor of `dna`'s network, each of its shape.
 fn loads(dna: &population::dna::Dna, classes: usize, bytes: &[u8]) -> Result<(), ReportError> {
+    saved_model(dna, classes, bytes).map(drop)
+}
+
+/// `dna`'s network on the CPU with the saved weights `bytes`, every tensor of them: an
+/// individual as it was trained, never one with a tensor drawn afresh.
+pub fn saved_model(
+    dna: &population::dna::Dna,
+    classes: usize,
+    bytes: &[u8],
+) -> Result<Model, ReportError> {
     let weights = Weights::from_safetensors(bytes, &Device::Cpu)?;
-    let (_, inheritance) = Model::build(
+    let (model, inheritance) = Model::build(
         dna,
         ModelSpec::cifar(classes),
         Some(&weights),
@@ -156,7 +166,7 @@ fn loads(dna: &population::dna::Dna, classes: usize, bytes: &[u8]) -> Result<(),
     if let Some(missing) = inheritance.fresh.first() {
         return Err(ReportError::Incomplete(missing.clone()));
     }
-    Ok(())
+    Ok(model)
 }
 
 /// Reads every individual's record (16 at a time).

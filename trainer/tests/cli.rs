@@ -62,6 +62,12 @@ fn local_run_trains_reports_exports_and_plots() {
     // every 30 s), not every birth.
     assert!(!stderr.contains("individual born"), "{stderr}");
     assert!(stderr.contains("new best"), "{stderr}");
+    // The summary line the run ends with, in plain values.
+    assert!(stderr.contains("alive=4 best_validation="), "{stderr}");
+    assert!(
+        !stderr.contains("\u{1b}["),
+        "colour codes off a terminal: {stderr}"
+    );
     let svg = std::fs::read_to_string(out.join("progress.svg")).unwrap();
     assert!(svg.contains("<circle"), "no individuals drawn");
     let dna = population::dna::Dna::load(&out.join("best/dna.json")).unwrap();
