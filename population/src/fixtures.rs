@@ -12,6 +12,17 @@ use crate::store::{Population, ProgressEntry};
 /// biases.
 pub const LINEAR_PARAMETERS: usize = 30_730;
 
+/// The initial DNA after `mutations` random single mutations drawn from `seed`: networks of
+/// every kind (convolutions, skips, both activations) for tests of what reads a DNA.
+pub fn evolved_dna(seed: u64, mutations: usize) -> Dna {
+    let mut dna = Dna::initial();
+    let mut rng = crate::seed::rng(seed, crate::seed::Stream::Mutation);
+    for _ in 0..mutations {
+        dna = crate::mutation::mutate(&dna, 1, &mut rng).dna;
+    }
+    dna
+}
+
 /// What training `dna` to `fitness` on 100 validation images might have given.
 pub fn outcome(fitness: f64, dna: &Dna) -> Outcome {
     Outcome {

@@ -14,8 +14,6 @@ use cambrian_tests::python;
 use candle_core::{DType, Device, Tensor};
 use crds::Dataset;
 use population::dna::{Dna, ModelSpec};
-use population::mutation::mutate;
-use population::seed::{rng, Stream};
 use population::store::{FileStore, ObjectStore, Population};
 use trainer::data::test_set::TestSet;
 use trainer::data::{evaluation_batches, fixture, Images, Normalization, Split};
@@ -157,11 +155,7 @@ async fn onnx_runtime_gives_cambrians_logits_and_test_accuracy() {
     // Grown networks: convolutions of every stride and filter size, skips that resize, pad
     // and truncate, linear and batch-norm vertices.
     for seed in 0..5 {
-        let mut dna = Dna::initial();
-        let mut r = rng(seed, Stream::Mutation);
-        for _ in 0..30 {
-            dna = mutate(&dna, 1, &mut r).dna;
-        }
+        let dna = population::fixtures::evolved_dna(seed, 30);
         let model = grown_model(&dna, seed);
         let path = dir.path().join(format!("grown-{seed}.onnx"));
         let bytes = onnx::export(&model, &normalization, &onnx::Metadata::default()).unwrap();

@@ -110,23 +110,13 @@ pub fn graph(
         for (s, (source, resize)) in op.skips.iter().enumerate() {
             let prefix = format!("v{index}.skip{s}");
             let mut x = values[*source].clone();
-            if let Some(rows) = resize.rows() {
-                let idx = g.indices(&format!("{prefix}.rows"), rows);
-                x = g.node(
-                    "Gather",
-                    &[&x, &idx],
-                    &format!("{prefix}.h"),
-                    vec![int("axis", 2)],
-                );
-            }
-            if let Some(cols) = resize.cols() {
-                let idx = g.indices(&format!("{prefix}.cols"), cols);
-                x = g.node(
-                    "Gather",
-                    &[&x, &idx],
-                    &format!("{prefix}.w"),
-                    vec![int("axis", 3)],
-                );
+            // Rows (axis 2), then columns (axis 3), where the sizes differ.
+            for (axis, name, index) in [(2, "rows", resize.rows()), (3, "cols", resize.cols())] {
+                if let Some(index) = index {
+                    let idx = g.indices(&format!("{prefix}.{name}"), index);
+                    let out = format!("{prefix}.{name}.fit");
+                    x = g.node("Gather", &[&x, &idx], &out, vec![int("axis", axis)]);
+                }
             }
             let (from_c, to_c) = resize.channels();
             if to_c < from_c {
@@ -371,8 +361,6 @@ mod tests {
 
     use candle_core::Device;
     use population::dna::{Dna, ModelSpec};
-    use population::mutation::mutate;
-    use population::seed::{rng, Stream};
 
     use super::*;
 
@@ -419,11 +407,7 @@ mod tests {
     fn exported_graphs_compute_the_models_logits() {
         let mut ops = BTreeSet::new();
         for seed in 0..6 {
-            let mut dna = Dna::initial();
-            let mut r = rng(seed, Stream::Mutation);
-            for _ in 0..40 {
-                dna = mutate(&dna, 1, &mut r).dna;
-            }
+            let dna = population::fixtures::evolved_dna(seed, 40);
             let model = model(&dna, seed);
             let proto = graph(&model, &normalization(), &Metadata::default()).unwrap();
             for node in &proto.graph.as_ref().unwrap().node {

@@ -175,8 +175,6 @@ pub fn svg(dna: &Dna, spec: ModelSpec, heading: &Heading) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use population::mutation::mutate;
-    use population::seed::{rng, Stream};
 
     fn heading() -> Heading {
         Heading {
@@ -193,11 +191,7 @@ mod tests {
         let spec = ModelSpec::cifar(10);
         let mut seen_skip = false;
         for seed in 0..8 {
-            let mut dna = Dna::initial();
-            let mut r = rng(seed, Stream::Mutation);
-            for _ in 0..40 {
-                dna = mutate(&dna, 1, &mut r).dna;
-            }
+            let dna = population::fixtures::evolved_dna(seed, 40);
             let svg = svg(&dna, spec, &heading());
             let n = dna.vertices.len();
             // The background is a rect too.

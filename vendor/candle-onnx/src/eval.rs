@@ -687,11 +687,12 @@ fn simple_eval_(
                         }
                         Tensor::stack(&v, axis)?
                     }
-                    _ => {
-                        // TODO: Provide an op to handle the ONNX generalized gather op ideally in a
-                        // differentiable way.
-                        todo!("implement gather for {xs:?} {indices:?} axis {axis}")
-                    }
+                    // cambrian: an error, not a panic, for indices of rank 3 and more.
+                    rank => bail!(
+                        "Gather with indices of rank {} is not supported (node {:?})",
+                        rank.len(),
+                        node.name
+                    ),
                 };
                 values.insert(node.output[0].clone(), xs);
             }
